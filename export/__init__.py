@@ -1,0 +1,1 @@
+"""Static-graph export of GLM generation models."""

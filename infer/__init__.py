@@ -1,0 +1,1 @@
+"""C++-backed runners (Paddle Inference, FastDeploy, ONNX Runtime) for exported GLM models."""

@@ -1,0 +1,367 @@
+"""The one decoding implementation (greedy search, sampling, beam search), in numpy.
+
+Every backend (dynamic graph, Paddle Inference, ONNX Runtime) only has to implement a `Stepper`: produce
+next-token logits and keep (and reorder) its own K/V cache, positions and masks. Token choice, logits
+processing and beam bookkeeping live here once, mirroring PaddleNLP 2.8.1's `GenerationMixin` so that
+greedy and beam search give the same tokens as `model.generate`. This module must not import paddle.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Protocol, Tuple
+
+import numpy as np
+
+STRATEGIES = ("greedy_search", "sampling", "beam_search")
+_INITIAL_OTHER_BEAMS = -1e9  # beams 1..K-1 start "impossible" so step 0 expands beam 0 only (all K are equal).
+
+
+class Stepper(Protocol):
+    """A model with a cache, seen one token per row at a time; it handles positions and masks itself."""
+
+    def prefill(self, expand: int) -> np.ndarray:
+        """Run the B prompts, each repeated `expand` times consecutively (p0,p0,..,p1,p1,..), keep the cache;
+        return next-token logits, float32 [B*expand, V]."""
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Feed one new token per row (int64 [N]); return next-token logits [N, V]."""
+
+    def reorder(self, index: np.ndarray) -> None:
+        """Reorder the cache rows (beam search): new row i = old row index[i]."""
+
+
+@dataclass
+class DecodingConfig:
+    """What to generate; lengths count NEW tokens only. eos and pad ids are required (no silent defaults)."""
+
+    eos_token_id: int
+    pad_token_id: int
+    decode_strategy: str = "greedy_search"
+    max_length: int = 20
+    min_length: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    temperature: float = 1.0
+    num_return_sequences: int = 1
+    seed: Optional[int] = None
+    beam_candidates: str = "top"  # beam search: "top" keeps the 2K best candidates, "sample" draws them
+
+    def validate(self) -> None:
+        """Raise one ValueError naming every bad field and its fix, so a config is corrected in one go."""
+        beam = self.decode_strategy == "beam_search"
+        checks = [
+            (self.decode_strategy not in STRATEGIES,
+             f"decode_strategy={self.decode_strategy!r}: use one of {STRATEGIES}"),
+            (self.max_length < 1, f"max_length={self.max_length}: generate at least 1 new token"),
+            (not 0 <= self.min_length <= self.max_length,
+             f"min_length={self.min_length}: must lie in [0, max_length={self.max_length}]"),
+            (not beam and self.num_beams < 1, f"num_beams={self.num_beams}: must be >= 1"),
+            (beam and self.num_beams < 2,
+             f"num_beams={self.num_beams}: beam_search needs >= 2 (for 1 beam use greedy_search)"),
+            (self.num_return_sequences < 1, f"num_return_sequences={self.num_return_sequences}: must be >= 1"),
+            (beam and self.num_return_sequences > self.num_beams,
+             f"num_return_sequences={self.num_return_sequences}: beam_search returns at most "
+             f"num_beams={self.num_beams}; lower it or raise num_beams"),
+            (self.decode_strategy == "greedy_search" and self.num_return_sequences > 1,
+             f"num_return_sequences={self.num_return_sequences}: greedy_search gives 1; "
+             "use sampling or beam_search for more"),
+            (not 0 < self.top_p <= 1, f"top_p={self.top_p}: must lie in (0, 1]; 1 disables it"),
+            (self.top_k < 0, f"top_k={self.top_k}: must be >= 0; 0 disables it"),
+            (not self.temperature > 0, f"temperature={self.temperature}: must be > 0"),
+            (self.no_repeat_ngram_size < 0,
+             f"no_repeat_ngram_size={self.no_repeat_ngram_size}: must be >= 0; 0 disables it"),
+            (not self.repetition_penalty > 0,
+             f"repetition_penalty={self.repetition_penalty}: must be > 0; 1 disables it"),
+            (self.eos_token_id < 0, f"eos_token_id={self.eos_token_id}: must be a token id >= 0"),
+            (self.pad_token_id < 0, f"pad_token_id={self.pad_token_id}: must be a token id >= 0"),
+            (self.beam_candidates not in ("top", "sample"),
+             f"beam_candidates={self.beam_candidates!r}: use 'top' or 'sample'"),
+        ]
+        problems = [message for bad, message in checks if bad]
+        if problems:
+            raise ValueError("invalid DecodingConfig:\n  " + "\n  ".join(problems))
+
+
+@dataclass
+class GenerationResult:
+    """`sequences`: generated ids without eos or padding, sample-major (all of prompt 0's first).
+    `scores`: beam search, the length-penalised beam score; greedy/sampling, the mean log-probability
+    of the generated tokens (eos included when produced), as PaddleNLP reports them."""
+
+    sequences: List[List[int]]
+    scores: np.ndarray
+
+    def padded(self, pad_token_id: int) -> np.ndarray:
+        """The sequences as one int64 [num_sequences, longest] array, right-padded with `pad_token_id`."""
+        width = max(map(len, self.sequences), default=0)
+        out = np.full((len(self.sequences), width), pad_token_id, dtype=np.int64)
+        for row, sequence in zip(out, self.sequences):
+            row[: len(sequence)] = sequence
+        return out
+
+
+def generate(stepper: Stepper, batch_size: int, config: DecodingConfig) -> GenerationResult:
+    """Decode `batch_size` prompts held by `stepper` with the strategy of `config`."""
+    config.validate()
+    if config.decode_strategy == "beam_search":
+        return _beam_search(stepper, batch_size, config)
+    choose = _sampler(config) if config.decode_strategy == "sampling" else _argmax
+    return _decode_rows(stepper, batch_size, config, choose)
+
+
+# ---------------------------------------------------------------- logits processing
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _process(scores: np.ndarray, generated: np.ndarray, config: DecodingConfig) -> np.ndarray:
+    """PaddleNLP's processors in its order: min length, repetition penalty, no-repeat n-grams.
+
+    `generated` [N, t] holds each row's generated tokens. Unlike PaddleNLP, the repetition penalty and the
+    n-gram ban look at generated tokens only, not the prompt: copying a phrase from the context (a
+    question reusing the passage's words) is legitimate, repeating ourselves is not.
+    """
+    scores = scores.copy()
+    if generated.shape[1] < config.min_length:
+        scores[:, config.eos_token_id] = -np.inf
+    if config.repetition_penalty != 1.0 and generated.size:
+        seen = np.zeros(scores.shape, dtype=bool)
+        np.put_along_axis(seen, generated, True, axis=1)
+        penalised = np.where(scores > 0, scores / config.repetition_penalty, scores * config.repetition_penalty)
+        scores = np.where(seen, penalised, scores)
+    if config.no_repeat_ngram_size:
+        _ban_repeated_ngrams(scores, generated, config.no_repeat_ngram_size)
+    return scores
+
+
+def _ban_repeated_ngrams(scores: np.ndarray, generated: np.ndarray, n: int) -> None:
+    """Set to -inf every token that would complete an n-gram already present in the row's generated tokens."""
+    length = generated.shape[1]
+    if length < n:
+        return
+    windows = np.lib.stride_tricks.sliding_window_view(generated, n, axis=1)  # [N, length-n+1, n]
+    hits = (windows[:, :, :-1] == generated[:, None, length - n + 1:]).all(axis=2)
+    rows, starts = np.nonzero(hits)
+    scores[rows, windows[rows, starts, -1]] = -np.inf
+
+
+# ---------------------------------------------------------------- greedy search and sampling
+
+
+def _argmax(scores: np.ndarray) -> np.ndarray:
+    return scores.argmax(axis=-1)
+
+
+def _sampler(config: DecodingConfig) -> Callable[[np.ndarray], np.ndarray]:
+    """Token chooser for sampling: temperature, top-k, then top-p, drawn from a seeded generator."""
+    rng = np.random.default_rng(config.seed)
+
+    def choose(scores: np.ndarray) -> np.ndarray:
+        probs = np.exp(_log_softmax(scores.astype(np.float64) / config.temperature))
+        probs = _top_p(_top_k(probs, config.top_k), config.top_p)
+        cumulative = np.cumsum(probs, axis=-1)  # unnormalised: the draw below scales by the kept mass
+        draws = rng.random(len(probs))[:, None] * cumulative[:, -1:]
+        return (cumulative <= draws).sum(axis=-1)  # first token whose cumulative mass exceeds the draw
+
+    return choose
+
+
+def _top_k(probs: np.ndarray, k: int) -> np.ndarray:
+    """Zero all but the k most probable tokens (ties with the k-th are kept, as in PaddleNLP); k=0 keeps all."""
+    if not 0 < k < probs.shape[-1]:
+        return probs
+    kth = np.partition(probs, -k, axis=-1)[:, [-k]]
+    return np.where(probs >= kth, probs, 0.0)
+
+
+def _top_p(probs: np.ndarray, p: float) -> np.ndarray:
+    """Keep the smallest set of most probable tokens whose mass reaches p (at least one); p=1 keeps all.
+
+    As in PaddleNLP the mass is that of the full distribution, not renormalised after top-k.
+    """
+    if p >= 1.0:
+        return probs
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    ranked = np.take_along_axis(probs, order, axis=-1)
+    mass_before = np.cumsum(ranked, axis=-1) - ranked
+    keep = np.zeros(probs.shape, dtype=bool)
+    np.put_along_axis(keep, order, mass_before < p, axis=-1)
+    return np.where(keep, probs, 0.0)
+
+
+def _prefill(stepper: Stepper, batch_size: int, expand: int) -> np.ndarray:
+    logits = stepper.prefill(expand)
+    if logits.ndim != 2 or len(logits) != batch_size * expand:
+        raise ValueError(f"stepper.prefill({expand}) gave logits {logits.shape}, expected [{batch_size * expand}, V]")
+    return logits
+
+
+def _decode_rows(
+    stepper: Stepper, batch_size: int, config: DecodingConfig, choose: Callable[[np.ndarray], np.ndarray]
+) -> GenerationResult:
+    """Greedy search or sampling: every row decodes on its own until eos, then is fed pad.
+
+    The score of a token is its log-probability under the processed logits before temperature/top-k/top-p
+    (PaddleNLP's sampling score; for greedy PaddleNLP averages raw logit values, which is not a probability).
+    """
+    logits = _prefill(stepper, batch_size, config.num_return_sequences)
+    rows = len(logits)
+    generated = np.empty((rows, 0), dtype=np.int64)
+    finished = np.zeros(rows, dtype=bool)
+    logprob_sum, counted = np.zeros(rows), np.zeros(rows)
+    for step in range(config.max_length):
+        scores = _process(logits.astype(np.float32), generated, config)
+        tokens = np.where(finished, config.pad_token_id, choose(scores)).astype(np.int64)
+        logprobs = np.take_along_axis(_log_softmax(scores), tokens[:, None], axis=1)[:, 0]
+        logprob_sum += np.where(finished, 0.0, logprobs)
+        counted += ~finished
+        generated = np.concatenate([generated, tokens[:, None]], axis=1)
+        finished |= tokens == config.eos_token_id
+        if finished.all() or step == config.max_length - 1:
+            break  # before feeding a token nobody will read
+        logits = stepper.step(tokens)
+    sequences = [_until_eos(row, config.eos_token_id) for row in generated.tolist()]
+    return GenerationResult(sequences, logprob_sum / counted)
+
+
+def _until_eos(tokens: List[int], eos_token_id: int) -> List[int]:
+    return tokens[: tokens.index(eos_token_id)] if eos_token_id in tokens else tokens
+
+
+# ---------------------------------------------------------------- beam search
+
+
+class _Hypotheses:
+    """The best `size` finished hypotheses of one prompt, scored GNMT-style as PaddleNLP's `BeamHypotheses`."""
+
+    def __init__(self, size: int, length_penalty: float, early_stopping: bool):
+        self.size, self.length_penalty, self.early_stopping = size, length_penalty, early_stopping
+        self.items: List[Tuple[float, List[int]]] = []
+
+    def penalised(self, sum_logprobs: float, length: int) -> float:
+        return sum_logprobs / ((length + 5) / 6) ** self.length_penalty
+
+    def add(self, tokens: List[int], sum_logprobs: float) -> None:
+        score = self.penalised(sum_logprobs, len(tokens))
+        if len(self.items) < self.size or score > self.worst():
+            self.items.append((score, tokens))
+            if len(self.items) > self.size:  # drop the worst; among equals the earliest added
+                del self.items[min(range(len(self.items)), key=lambda i: self.items[i][0])]
+
+    def worst(self) -> float:
+        return min(score for score, _ in self.items)
+
+    def is_done(self, best_sum_logprobs: float, length: int) -> bool:
+        """Full, and (early stopping or) no live beam can still beat the worst kept hypothesis."""
+        if len(self.items) < self.size:
+            return False
+        return self.early_stopping or self.worst() >= self.penalised(best_sum_logprobs, length)
+
+    def best(self, n: int) -> List[Tuple[float, List[int]]]:
+        """Best first; among equal scores the later added wins (PaddleNLP pops a stable ascending sort)."""
+        return sorted(self.items, key=lambda item: item[0])[::-1][:n]
+
+
+def _top_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of the k largest entries of each row, best first; ties go to the lower index."""
+    kth = np.partition(scores, -k, axis=-1)[:, -k]
+    top = []
+    for row, threshold in zip(scores, kth):
+        candidates = np.flatnonzero(row >= threshold)
+        top.append(candidates[np.argsort(-row[candidates], kind="stable")[:k]])
+    return np.stack(top)
+
+
+def _sampled_indices(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k candidates per row drawn without replacement from softmax(row) (Gumbel top-k), best score first.
+
+    This is the reference GLM example's `--select_topk false` beam search (it draws with multinomial).
+    """
+    drawn = _top_indices(scores - np.log(-np.log(rng.random(scores.shape))), k)
+    order = np.argsort(-np.take_along_axis(scores, drawn, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(drawn, order, axis=1)
+
+
+def _advance(
+    hypotheses: _Hypotheses, candidates: np.ndarray, scores: np.ndarray, first_row: int,
+    history: np.ndarray, vocab: int, config: DecodingConfig,
+) -> Tuple[List[int], List[int], List[float]]:
+    """Walk one prompt's 2K candidates best first: eos among the top K closes a hypothesis (without eos),
+    other tokens fill the K next beams. Returns the new beams' source rows, tokens and running scores."""
+    sources: List[int] = []
+    tokens: List[int] = []
+    beam_scores: List[float] = []
+    for rank, (candidate, score) in enumerate(zip(candidates.tolist(), scores.tolist())):
+        row, token = first_row + candidate // vocab, candidate % vocab
+        if token != config.eos_token_id:
+            sources.append(row)
+            tokens.append(token)
+            beam_scores.append(score)
+        elif rank < config.num_beams:
+            hypotheses.add(history[row].tolist(), score)
+        if len(tokens) == config.num_beams:
+            break
+    return sources, tokens, beam_scores
+
+
+def _beam_search(stepper: Stepper, batch_size: int, config: DecodingConfig) -> GenerationResult:
+    """PaddleNLP's beam search (one group, no diversity): same candidates, same ties, same stopping rule.
+
+    Rows are prompt-major (prompt b owns rows b*K..b*K+K-1). A prompt whose hypotheses can no longer improve
+    is done: its rows are fed pad and ignored. Scores are float32 like PaddleNLP's, so ranks match exactly.
+    """
+    num_beams = config.num_beams
+    logits = _prefill(stepper, batch_size, num_beams)
+    vocab = logits.shape[1]
+    first_rows = np.arange(batch_size) * num_beams
+    beam_scores = np.zeros((batch_size, num_beams), dtype=np.float32)
+    beam_scores[:, 1:] = _INITIAL_OTHER_BEAMS
+    beam_scores = beam_scores.reshape(-1)
+    history = np.empty((batch_size * num_beams, 0), dtype=np.int64)
+    hypotheses = [_Hypotheses(num_beams, config.length_penalty, config.early_stopping) for _ in range(batch_size)]
+    done = np.zeros(batch_size, dtype=bool)
+    rng = np.random.default_rng(config.seed)
+    for step in range(config.max_length):
+        scores = _process(_log_softmax(logits.astype(np.float32)), history, config) + beam_scores[:, None]
+        scores = scores.reshape(batch_size, num_beams * vocab)
+        if config.beam_candidates == "sample":
+            candidates = _sampled_indices(scores, 2 * num_beams, rng)
+        else:
+            candidates = _top_indices(scores, 2 * num_beams)
+        candidate_scores = np.take_along_axis(scores, candidates, axis=1)
+        # Done prompts keep their first beam, fed pad with score 0.
+        sources = np.repeat(first_rows, num_beams)
+        tokens = np.full(batch_size * num_beams, config.pad_token_id, dtype=np.int64)
+        beam_scores = np.zeros(batch_size * num_beams, dtype=np.float32)
+        for b in np.flatnonzero(~done):
+            rows = slice(first_rows[b], first_rows[b] + num_beams)
+            sources[rows], tokens[rows], beam_scores[rows] = _advance(
+                hypotheses[b], candidates[b], candidate_scores[b], first_rows[b], history, vocab, config
+            )
+            done[b] = hypotheses[b].is_done(float(candidate_scores[b, 0]), step)
+        history = np.concatenate([history[sources], tokens[:, None]], axis=1)
+        if done.all() or step == config.max_length - 1:
+            break  # before feeding tokens nobody will read
+        stepper.reorder(sources)
+        logits = stepper.step(tokens)
+    return _best(hypotheses, done, history, beam_scores, config.num_return_sequences)
+
+
+def _best(
+    hypotheses: List[_Hypotheses], done: np.ndarray, history: np.ndarray, beam_scores: np.ndarray, n: int
+) -> GenerationResult:
+    """The n best hypotheses per prompt; prompts stopped by length first let their live beams compete."""
+    num_beams = len(history) // len(hypotheses)
+    for b in np.flatnonzero(~done):
+        for row in range(b * num_beams, (b + 1) * num_beams):
+            hypotheses[b].add(history[row].tolist(), float(beam_scores[row]))
+    best = [item for prompt in hypotheses for item in prompt.best(n)]
+    return GenerationResult([tokens for _, tokens in best], np.array([score for score, _ in best]))

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny GLM configs and twin models (ours and PaddleNLP's) with the same weights."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import paddle
+import pytest
+from paddlenlp.transformers import GLMConfig
+from paddlenlp.transformers import GLMForConditionalGeneration as PaddleNLPGLM
+
+from paddle_glm.model import GLMForConditionalGeneration
+
+SHARED_ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "assets")
+COG_MODEL = os.path.join(SHARED_ASSETS, "cog-pretrain.model")
+
+paddle.set_device("cpu")
+
+
+def tiny_config(**overrides) -> GLMConfig:
+    values = dict(
+        num_layers=2, vocab_size=96, hidden_size=32, num_attention_heads=4, max_sequence_length=64,
+        embedding_dropout_prob=0.0, attention_dropout_prob=0.0, output_dropout_prob=0.0,
+        output_predict=True, parallel_output=False,
+    )
+    values.update(overrides)
+    return GLMConfig(**values)
+
+
+@pytest.fixture
+def twin_models():
+    """(ours, PaddleNLP's) in eval mode, sharing one set of random weights."""
+    paddle.seed(1234)
+    reference = PaddleNLPGLM(tiny_config())
+    # Spread the weights out so that logits differ clearly between tokens (ties would hide bugs).
+    state = {k: paddle.to_tensor(v.numpy() * (4.0 if "embeddings" in k else 1.0)) for k, v in reference.state_dict().items()}
+    reference.set_state_dict(state)
+    ours = GLMForConditionalGeneration(tiny_config())
+    ours.set_state_dict(state)
+    ours.eval()
+    reference.eval()
+    return ours, reference
+
+
+@pytest.fixture
+def cog_tokenizer():
+    if not os.path.isfile(COG_MODEL):
+        pytest.skip(f"needs the real GLM sentencepiece model at {COG_MODEL} (../shared/assets)")
+    from paddle_glm.tokenizer import tokenizer_from_sentencepiece
+
+    return tokenizer_from_sentencepiece(COG_MODEL)
+
+
+def to_numpy(tensor) -> np.ndarray:
+    return tensor.astype("float32").numpy()
