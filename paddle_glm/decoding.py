@@ -50,6 +50,9 @@ class DecodingConfig:
     num_return_sequences: int = 1
     seed: Optional[int] = None
     beam_candidates: str = "top"  # beam search: "top" keeps the 2K best candidates, "sample" draws them
+    # Ids at or above this are never generated: GLM's embeddings have rows past the tokenizer (50048 vs 50010)
+    # that no text decodes to. None: every id may be generated.
+    tokenizer_size: Optional[int] = None
 
     def validate(self) -> None:
         """Raise one ValueError naming every bad field and its fix, so a config is corrected in one go."""
@@ -79,6 +82,8 @@ class DecodingConfig:
              f"repetition_penalty={self.repetition_penalty}: must be > 0; 1 disables it"),
             (self.eos_token_id < 0, f"eos_token_id={self.eos_token_id}: must be a token id >= 0"),
             (self.pad_token_id < 0, f"pad_token_id={self.pad_token_id}: must be a token id >= 0"),
+            (self.tokenizer_size is not None and self.tokenizer_size <= self.eos_token_id,
+             f"tokenizer_size={self.tokenizer_size}: must exceed eos_token_id={self.eos_token_id}, or eos never comes"),
             (self.beam_candidates not in ("top", "sample"),
              f"beam_candidates={self.beam_candidates!r}: use 'top' or 'sample'"),
         ]
@@ -130,6 +135,8 @@ def _process(scores: np.ndarray, generated: np.ndarray, config: DecodingConfig) 
     question reusing the passage's words) is legitimate, repeating ourselves is not.
     """
     scores = scores.copy()
+    if config.tokenizer_size is not None:
+        scores[:, config.tokenizer_size:] = -np.inf
     if generated.shape[1] < config.min_length:
         scores[:, config.eos_token_id] = -np.inf
     if config.repetition_penalty != 1.0 and generated.size:

@@ -469,3 +469,14 @@ def test_beam_search_with_sampled_candidates_is_seeded_and_differs_from_top():
     draws = [run(logits, seed=s, **settings).sequences for s in range(8)]
     assert any(d != top for d in draws)
     assert all(len(seq) <= 6 and EOS not in seq for d in draws for seq in d)
+
+
+def test_tokenizer_size_keeps_ids_past_the_tokenizer_out():
+    table = np.zeros((V + 4, V + 4), dtype=np.float32)  # 4 embedding rows past the tokenizer's V ids
+    table[:, V + 2] = 5.0  # would win everywhere...
+    table[:, 4] = 1.0
+    for strategy, beams in (("greedy_search", 1), ("beam_search", 3)):
+        free = run(table_model(table), decode_strategy=strategy, num_beams=beams, max_length=3).sequences
+        capped = run(table_model(table), decode_strategy=strategy, num_beams=beams, max_length=3, tokenizer_size=V)
+        assert all(V + 2 in seq for seq in free)
+        assert all(max(seq) < V for seq in capped.sequences)  # ...but the tokenizer has only ids 0..V-1
