@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python bench/bench_cache.py --quick
+	$(BIN)/python finetune_generation.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,160 @@
+"""Command-line arguments of the fine-tuning scripts, as dataclasses for PaddleNLP's `PdArgumentParser`.
+
+Names and defaults follow PaddleNLP's GLM example (`--src_length 608`, `--num_beams 5`, ...), so its
+users' commands keep working. Each dataclass checks its own fields in `__post_init__` and reports
+every problem at once, naming the flag and the fix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from .decoding import DecodingConfig
+
+__all__ = ["ModelArguments", "DataArguments", "GenerationArguments", "FLAG_ALIASES", "check"]
+
+# Extra spellings accepted on the command line (and in JSON argument files): alias -> flag.
+FLAG_ALIASES = {"--r": "--lora_rank"}
+
+
+def check(problems: List[str]) -> None:
+    """Raise one ValueError listing every problem found."""
+    if problems:
+        raise ValueError("invalid arguments:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="THUDM/glm-large-chinese",
+        metadata={"help": "A PaddleNLP GLM name (downloads when online) or a checkpoint directory."},
+    )
+    label_smoothing: float = field(
+        default=0.1, metadata={"help": "Label smoothing of the training loss (evaluation loss is unsmoothed)."}
+    )
+    lr_decay_ratio: float = field(
+        default=0.1,
+        metadata={"help": "After warm-up the learning rate decays linearly to this fraction of --learning_rate."},
+    )
+    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r (also accepted as --r)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha: adapters are scaled by alpha / rank."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: List[str] = field(
+        default_factory=lambda: [".*query_key_value.*"],
+        metadata={"help": "Regular expressions of the linear layers that get adapters (full sublayer names)."},
+    )
+    lora_path: Optional[str] = field(
+        default=None, metadata={"help": "Continue training (or evaluate) an existing LoRA adapter directory."}
+    )
+    merge_lora: bool = field(
+        default=False,
+        metadata={"help": "With --lora: also write the base model with the adapter merged to OUTPUT_DIR/merged."},
+    )
+    use_flash_attention: bool = field(
+        default=False, metadata={"help": "Use fused scaled-dot-product attention (flash attention on GPU)."}
+    )
+    prepare_demo: bool = field(
+        default=False,
+        metadata={"help": "Write the bundled demo data, sentencepiece model and tiny GLM to the paths given by "
+                          "--train_file, --dev_file and --model_name_or_path when they are missing."},
+    )
+
+    def __post_init__(self):
+        problems = []
+        if not 0.0 <= self.label_smoothing < 1.0:
+            problems.append(f"--label_smoothing {self.label_smoothing}: must be in [0, 1)")
+        if not 0.0 <= self.lr_decay_ratio <= 1.0:
+            problems.append(f"--lr_decay_ratio {self.lr_decay_ratio}: must be in [0, 1]")
+        if self.lora_rank < 1:
+            problems.append(f"--lora_rank {self.lora_rank}: must be at least 1")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            problems.append(f"--lora_dropout {self.lora_dropout}: must be in [0, 1)")
+        if self.merge_lora and not self.lora:
+            problems.append("--merge_lora needs --lora")
+        check(problems)
+
+
+@dataclass
+class DataArguments:
+    task_name: str = field(
+        default="dureader_qg", metadata={"help": "Task module of tasks/: dureader_qg, belle or jsonl."}
+    )
+    train_file: Optional[str] = field(default=None, metadata={"help": "Training data, JSON lines."})
+    dev_file: Optional[str] = field(default=None, metadata={"help": "Evaluation data, JSON lines."})
+    test_file: Optional[str] = field(
+        default=None, metadata={"help": "Test data, JSON lines: decoded and scored after training (--do_predict)."}
+    )
+    source_field: str = field(default="src", metadata={"help": "Source field of --task_name jsonl records."})
+    target_field: str = field(default="tgt", metadata={"help": "Target field of --task_name jsonl records."})
+    src_length: int = field(
+        default=608,
+        metadata={"help": "Maximum source tokens (with [CLS], [gMASK], <|endoftext|>); longer sources lose their end."},
+    )
+    tgt_length: int = field(
+        default=160,
+        metadata={"help": "Maximum target tokens in training (with <|endofpiece|>) and tokens generated in evaluation."},
+    )
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N training pairs."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N evaluation pairs."})
+
+    def __post_init__(self):
+        problems = []
+        if self.src_length < 4:
+            problems.append(f"--src_length {self.src_length}: must be at least 4 ([CLS] text [gMASK] <|endoftext|>)")
+        if self.tgt_length < 2:
+            problems.append(f"--tgt_length {self.tgt_length}: must be at least 2")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"--{name} {value}: must be at least 1")
+        check(problems)
+
+
+@dataclass
+class GenerationArguments:
+    decode_strategy: str = field(
+        default="beam_search",
+        metadata={"help": "Decoding in evaluation: beam_search, greedy_search or sampling."},
+    )
+    num_beams: int = field(default=5, metadata={"help": "Beams of beam search."})
+    length_penalty: float = field(
+        default=0.7, metadata={"help": "Beam score = log-prob / ((5 + length) / 6) ** length_penalty."}
+    )
+    no_repeat_ngram_size: int = field(
+        default=3, metadata={"help": "Never repeat an n-gram of this size within the generated text (0 = off)."}
+    )
+    min_tgt_length: int = field(default=55, metadata={"help": "Minimum generated tokens before <|endofpiece|>."})
+    select_topk: bool = field(
+        default=True,
+        metadata={"help": "Beam search keeps the top-scoring candidates (true) or samples them (false), as the reference."},
+    )
+    top_k: int = field(default=0, metadata={"help": "Sampling: keep the k most likely tokens (0 = all)."})
+    top_p: float = field(default=0.0, metadata={"help": "Sampling: nucleus probability mass (0 or 1 = off)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling: divide logits by this."})
+    repetition_penalty: float = field(
+        default=1.0, metadata={"help": "Penalise tokens already generated (1.0 = off)."}
+    )
+    seed_decoding: Optional[int] = field(default=None, metadata={"help": "Seed of sampling in evaluation."})
+
+    def decoding_config(self, tokenizer, max_length: int) -> DecodingConfig:
+        """The decoding settings for `paddle_glm.decoding`, validated there."""
+        config = DecodingConfig(
+            decode_strategy=self.decode_strategy,
+            num_beams=self.num_beams if self.decode_strategy == "beam_search" else 1,
+            length_penalty=self.length_penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            min_length=min(self.min_tgt_length, max_length),
+            max_length=max_length,
+            beam_candidates="top" if self.select_topk else "sample",
+            top_k=self.top_k,
+            top_p=self.top_p if 0.0 < self.top_p < 1.0 else 1.0,
+            temperature=self.temperature,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed_decoding,
+            eos_token_id=tokenizer.eop_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tokenizer_size=len(tokenizer),
+        )
+        config.validate()
+        return config

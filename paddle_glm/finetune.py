@@ -1,0 +1,163 @@
+"""The fine-tuning recipe behind `finetune_generation.py` and `finetune_instruction_generation.py`.
+
+Reads top to bottom: arguments -> task -> data -> model (+ LoRA) -> trainer -> train / evaluate /
+predict -> checkpoint (+ merged LoRA). Run with no arguments it uses the bundled demo arguments.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import List, Optional, Tuple
+
+import paddle
+from paddlenlp.trainer import PdArgumentParser, TrainingArguments, get_last_checkpoint
+from paddlenlp.utils.log import logger
+
+from tasks import get_task
+
+from .args import FLAG_ALIASES, DataArguments, GenerationArguments, ModelArguments, check
+from .data import read_pairs, tokenize_pairs
+from .demo import prepare_demo
+from .inputs import GLMCollator
+from .lora import add_lora, merged_state_dict
+from .model import GLMForConditionalGeneration
+from .tokenizer import load_tokenizer
+from .trainer import GLMTrainer
+
+__all__ = ["parse_arguments", "main"]
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks", "configs")
+Arguments = Tuple[ModelArguments, DataArguments, GenerationArguments, TrainingArguments]
+
+
+def parse_arguments(argv: List[str], demo_arguments: str, task_name: str = "dureader_qg") -> Arguments:
+    """Flags, or a JSON file of flags followed by flags that override it, or (no arguments) the demo's JSON."""
+    parser = PdArgumentParser((ModelArguments, DataArguments, GenerationArguments, TrainingArguments))
+    parser.set_defaults(task_name=task_name)
+    if not argv:
+        logger.info(f"no arguments: running the bundled demo ({demo_arguments})")
+        argv = [demo_arguments]
+    if argv[0].endswith(".json"):
+        argv = parser.read_json(argv[0]) + list(argv[1:])  # later flags win
+    argv = [FLAG_ALIASES.get(arg, arg) for arg in argv]
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: Optional[List[str]] = None, demo: str = "finetune_argument.json", task_name: str = "dureader_qg") -> None:
+    model_args, data_args, gen_args, training_args = parse_arguments(
+        sys.argv[1:] if argv is None else argv, os.path.join(CONFIG_DIR, "demo", demo), task_name
+    )
+    paddle.set_device(training_args.device)
+    task = get_task(data_args.task_name)
+    if model_args.prepare_demo:
+        prepare_demo(model_args.model_name_or_path, data_args.train_file, data_args.dev_file,
+                     kind="belle" if task.NAME == "belle" else "qg", seed=training_args.seed)
+
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    model = GLMForConditionalGeneration.from_pretrained(
+        model_args.model_name_or_path,
+        tensor_parallel_degree=training_args.tensor_parallel_degree,
+        tensor_parallel_rank=training_args.tensor_parallel_rank,
+        use_flash_attention=model_args.use_flash_attention,
+    )
+    check_against_model(model, tokenizer, data_args, gen_args, training_args)
+    if model_args.lora:
+        model = add_lora(model, model_args)
+
+    datasets = load_datasets(task, data_args, tokenizer, training_args)
+    trainer = GLMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=datasets.get("train"),
+        eval_dataset=datasets.get("dev"),
+        tokenizer=tokenizer,
+        data_collator=GLMCollator(tokenizer.pad_token_id),
+        label_smoothing=model_args.label_smoothing,
+        lr_decay_ratio=model_args.lr_decay_ratio,
+        decoding=gen_args.decoding_config(tokenizer, max_length=data_args.tgt_length),
+    )
+    run(trainer, model_args, datasets, training_args)
+
+
+def check_against_model(model, tokenizer, data_args, gen_args, training_args) -> None:
+    """Refuse flag values the model cannot serve, before any work starts."""
+    config = model.config
+    problems = []
+    if len(tokenizer) > config.vocab_size:
+        problems.append(f"the tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size} embeddings")
+    if data_args.src_length + data_args.tgt_length > config.max_sequence_length:
+        problems.append(
+            f"--src_length {data_args.src_length} + --tgt_length {data_args.tgt_length} exceeds the model's "
+            f"{config.max_sequence_length} positions: lower one of them"
+        )
+    if gen_args.min_tgt_length > data_args.tgt_length:
+        problems.append(f"--min_tgt_length {gen_args.min_tgt_length} exceeds --tgt_length {data_args.tgt_length}")
+    if training_args.do_train and not data_args.train_file and not _online_task(data_args):
+        problems.append("--do_train needs --train_file (JSON lines)")
+    check(problems)
+
+
+def _online_task(data_args: DataArguments) -> bool:
+    return data_args.task_name == "dureader_qg"
+
+
+def load_datasets(task, data_args: DataArguments, tokenizer, training_args) -> dict:
+    """Tokenized splits that the run needs: train (--do_train), dev (--do_eval), test (--do_predict)."""
+    wanted = {
+        "train": (training_args.do_train, data_args.train_file, data_args.max_train_samples),
+        "dev": (training_args.do_eval, data_args.dev_file, data_args.max_eval_samples),
+        "test": (training_args.do_predict, data_args.test_file, data_args.max_eval_samples),
+    }
+    datasets = {}
+    for split, (needed, path, limit) in wanted.items():
+        if not needed:
+            continue
+        if path:
+            pairs = read_pairs(path, lambda record, where: task.to_pairs(record, where, data_args), limit)
+        elif _online_task(data_args) and split != "test":
+            pairs = _paddlenlp_dureader_pairs(task, split, limit)
+        else:
+            raise ValueError(f"--do_{'eval' if split == 'dev' else 'predict'} needs --{split}_file (JSON lines)")
+        datasets[split] = tokenize_pairs(pairs, tokenizer, data_args.src_length, data_args.tgt_length)
+        logger.info(f"{split}: {len(pairs)} examples")
+    return datasets
+
+
+def _paddlenlp_dureader_pairs(task, split: str, limit: Optional[int]):
+    """DuReaderQG through `paddlenlp.datasets` (downloads; needs network)."""
+    from paddlenlp.datasets import load_dataset
+
+    records = load_dataset("dureader_qg", splits=[split])
+    pairs = [pair for i, record in enumerate(records) for pair in task.to_pairs(record, f"dureader_qg[{split}][{i}]")]
+    return pairs[:limit] if limit else pairs
+
+
+def run(trainer: GLMTrainer, model_args: ModelArguments, datasets: dict, training_args: TrainingArguments) -> None:
+    if training_args.do_train:
+        checkpoint = training_args.resume_from_checkpoint
+        if checkpoint is None and os.path.isdir(training_args.output_dir) and not training_args.overwrite_output_dir:
+            checkpoint = get_last_checkpoint(training_args.output_dir)
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+        if model_args.merge_lora:
+            save_merged(trainer, training_args.output_dir)
+    for split, prefix in (("dev", "eval"), ("test", "test")):
+        if split in datasets:
+            metrics = trainer.evaluate(datasets[split], metric_key_prefix=prefix)
+            trainer.log_metrics(prefix, metrics)
+            trainer.save_metrics(prefix, metrics)
+
+
+def save_merged(trainer: GLMTrainer, output_dir: str) -> None:
+    """Write the base model with the adapter folded in (loads without LoRA) to OUTPUT_DIR/merged."""
+    merged_dir = os.path.join(output_dir, "merged")
+    lora_model = trainer.model
+    base = GLMForConditionalGeneration(lora_model.model.config)
+    base.set_state_dict(merged_state_dict(lora_model))
+    if trainer.is_world_process_zero():
+        base.save_pretrained(merged_dir)
+        trainer.tokenizer.save_pretrained(merged_dir)
+        logger.info(f"merged LoRA model written to {merged_dir}")

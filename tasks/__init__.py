@@ -1,0 +1,20 @@
+"""One small module per fine-tuning task, chosen by `--task_name`.
+
+Every task module exposes the same two things:
+- `to_pairs(record, where, args) -> list[(source, target)]`: one JSON record to text pairs
+  (`where` is `file:line`, for error messages; `args` are the data arguments);
+- `DEFAULTS`: the data and decoding defaults that suit the task.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+from . import belle, dureader_qg, jsonl
+
+TASKS = {module.NAME: module for module in (dureader_qg, belle, jsonl)}
+
+
+def get_task(name: str) -> ModuleType:
+    if name not in TASKS:
+        raise ValueError(f"--task_name {name!r} is not a known task: choose one of {', '.join(sorted(TASKS))}")
+    return TASKS[name]

@@ -1,0 +1,236 @@
+"""The fine-tuning recipe end to end on a tiny GLM, and each flag reaching what it controls."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+from paddle_glm.data import tokenize_pairs
+from paddle_glm.demo import build_demo_model
+from paddle_glm.demo_data import write_demo_splits, write_json_lines
+from paddle_glm.finetune import main, parse_arguments
+from paddle_glm.generation import generate
+from paddle_glm.inputs import GLMCollator
+from paddle_glm.lora import add_lora
+from paddle_glm.model import GLMForConditionalGeneration
+from paddle_glm.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def demo_base(tmp_path_factory):
+    """A tiny random GLM with a sentencepiece vocabulary trained on generated QG and BELLE data."""
+    root = tmp_path_factory.mktemp("demo")
+    qg = write_demo_splits(str(root / "qg"), "qg", train=48, dev=6, seed=1)
+    belle = write_demo_splits(str(root / "belle"), "belle", train=48, dev=8, seed=1)
+    with open(qg["train"], "a", encoding="utf-8") as handle, open(belle["train"], encoding="utf-8") as extra:
+        handle.write(extra.read())  # one vocabulary for both tasks
+    build_demo_model(str(root / "base"), qg["train"], seed=0)
+    return {"model": str(root / "base"), "qg": qg, "belle": belle, "root": root}
+
+
+def _common_flags(base, output_dir, **overrides):
+    flags = {
+        "model_name_or_path": base["model"], "train_file": base["qg"]["train"], "dev_file": base["qg"]["dev"],
+        "output_dir": str(output_dir), "src_length": 64, "tgt_length": 12, "min_tgt_length": 0,
+        "num_beams": 2, "max_steps": 3, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4,
+        "learning_rate": 1e-3, "do_train": True, "do_eval": True, "eval_steps": 1000, "save_strategy": "no",
+        "logging_steps": 1, "report_to": "none", "device": "cpu", "seed": 3, "disable_tqdm": True,
+        "max_train_samples": 24, "max_eval_samples": 4,
+    }
+    flags.update(overrides)
+    argv = []
+    for key, value in flags.items():
+        argv += [f"--{key}"] + ([str(value)] if not isinstance(value, list) else [str(v) for v in value])
+    return argv
+
+
+def _read_jsonl(path):
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_finetune_trains_evaluates_with_beam_search_saves_and_reloads(demo_base, tmp_path):
+    main(_common_flags(demo_base, tmp_path))
+    with open(tmp_path / "eval_results.json") as handle:
+        metrics = json.load(handle)
+    for key in ("eval_loss", "eval_ppl", "eval_bleu4", "eval_rouge1", "eval_rouge2", "eval_rougeL"):
+        assert key in metrics
+    assert metrics["eval_ppl"] == pytest.approx(math.exp(metrics["eval_loss"]), rel=1e-6)
+    predictions = _read_jsonl(tmp_path / "eval_predictions.jsonl")
+    assert len(predictions) == 4 and set(predictions[0]) == {"source", "reference", "prediction"}
+    assert predictions[0]["source"].startswith("答案：")
+
+    # The saved model is the trained one, and it decodes to exactly what evaluation wrote.
+    tokenizer = load_tokenizer(str(tmp_path))
+    trained = GLMForConditionalGeneration.from_pretrained(str(tmp_path))
+    base = GLMForConditionalGeneration.from_pretrained(demo_base["model"])
+    name = "glm.transformer.layers.0.attention.query_key_value.weight"
+    assert not np.allclose(trained.state_dict()[name].numpy(), base.state_dict()[name].numpy())
+    model_args, data_args, gen_args, _ = parse_arguments(_common_flags(demo_base, tmp_path), "unused.json")
+    pairs = [(p["source"], p["reference"]) for p in predictions]
+    dataset = tokenize_pairs(pairs, tokenizer, data_args.src_length, data_args.tgt_length)
+    config = gen_args.decoding_config(tokenizer, max_length=data_args.tgt_length)
+    result = generate(trained, dataset.prompts, config)
+    assert [tokenizer.decode(s, skip_special_tokens=True) for s in result.sequences] == [p["prediction"] for p in predictions]
+
+
+def test_finetune_lora_trains_only_adapters_saves_reloads_and_merges(demo_base, tmp_path):
+    main(_common_flags(demo_base, tmp_path, lora=True, lora_rank=4, lora_alpha=8, merge_lora=True))
+    with open(tmp_path / "lora_config.json") as handle:
+        lora_config = json.load(handle)
+    assert (lora_config["r"], lora_config["lora_alpha"]) == (4, 8)
+    adapter = paddle.load(str(tmp_path / "lora_model_state.pdparams"))
+    assert adapter and all("lora_" in key for key in adapter)
+
+    base = GLMForConditionalGeneration.from_pretrained(demo_base["model"])
+    merged = GLMForConditionalGeneration.from_pretrained(str(tmp_path / "merged"))
+    from paddlenlp.peft import LoRAModel
+
+    reloaded = LoRAModel.from_pretrained(GLMForConditionalGeneration.from_pretrained(demo_base["model"]), str(tmp_path))
+    reloaded.eval()
+    merged.eval()
+    # only adapted weights changed in the merged model
+    for key, value in base.state_dict().items():
+        changed = not np.allclose(value.numpy(), merged.state_dict()[key].numpy())
+        assert changed == ("query_key_value.weight" in key), key
+    ids = paddle.to_tensor([[5, 6, 7, 8, 9, 10]])
+    np.testing.assert_allclose(merged(ids).logits.numpy(), reloaded(ids).logits.numpy(), atol=1e-5)
+
+
+def test_finetune_belle_keeps_input_and_expands_multi_turn(demo_base, tmp_path):
+    belle = demo_base["belle"]
+    main(_common_flags(demo_base, tmp_path, task_name="belle", train_file=belle["train"], dev_file=belle["dev"],
+                       max_eval_samples=100, num_beams=1, decode_strategy="greedy_search"))
+    predictions = _read_jsonl(tmp_path / "eval_predictions.jsonl")
+    records = _read_jsonl(belle["dev"])
+    from tasks import belle as belle_task
+
+    expected = [pair for i, r in enumerate(records) for pair in belle_task.to_pairs(r, f"dev:{i}")]
+    assert [(p["source"], p["reference"]) for p in predictions] == expected
+    assert len(expected) > len(records)  # multi-turn records give one example per assistant turn
+    with_input = [r for r in records if r.get("input", "").strip()]
+    assert with_input and any(with_input[0]["input"] in p["source"] for p in predictions)
+
+
+def test_finetune_test_file_is_decoded_and_scored(demo_base, tmp_path):
+    test_file = tmp_path / "test.json"
+    write_json_lines(_read_jsonl(demo_base["qg"]["dev"])[:2], str(test_file))
+    main(_common_flags(demo_base, tmp_path / "out", do_train=False, do_eval=False, do_predict=True,
+                       test_file=str(test_file)))
+    assert len(_read_jsonl(tmp_path / "out" / "test_predictions.jsonl")) == 2
+    assert "test_bleu4" in json.load(open(tmp_path / "out" / "test_results.json"))
+
+
+# ---------------------------------------------------------------- every flag reaches what it controls
+
+
+def test_flags_reach_the_decoding_config(demo_base):
+    argv = _common_flags(demo_base, "unused", num_beams=4, length_penalty=1.3, no_repeat_ngram_size=2,
+                         min_tgt_length=3, tgt_length=9, top_k=7, top_p=0.8, temperature=0.5,
+                         repetition_penalty=1.2, seed_decoding=11, decode_strategy="sampling")
+    _, data_args, gen_args, _ = parse_arguments(argv, "unused.json")
+    tokenizer = load_tokenizer(demo_base["model"])
+    config = gen_args.decoding_config(tokenizer, max_length=data_args.tgt_length)
+    assert (config.decode_strategy, config.max_length, config.min_length) == ("sampling", 9, 3)
+    assert (config.length_penalty, config.no_repeat_ngram_size, config.top_k, config.top_p) == (1.3, 2, 7, 0.8)
+    assert (config.temperature, config.repetition_penalty, config.seed) == (0.5, 1.2, 11)
+    assert config.eos_token_id == tokenizer.eop_token_id
+    _, _, beam_args, _ = parse_arguments(argv[:-2] + ["--decode_strategy", "beam_search", "--select_topk", "false"], "x")
+    beam = beam_args.decoding_config(tokenizer, max_length=9)
+    assert (beam.num_beams, beam.beam_candidates) == (4, "sample")
+    _, _, top_args, _ = parse_arguments(argv[:-2] + ["--decode_strategy", "beam_search", "--top_p", "0.0"], "x")
+    assert top_args.decoding_config(tokenizer, max_length=9).top_p == 1.0  # the reference's 0.0 means off
+
+
+def test_flag_r_is_an_alias_of_lora_rank(demo_base):
+    model_args, *_ = parse_arguments(_common_flags(demo_base, "unused") + ["--r", "6"], "x")
+    assert model_args.lora_rank == 6
+
+
+def test_lora_flags_shape_the_adapters(demo_base):
+    model_args, *_ = parse_arguments(_common_flags(demo_base, "unused", lora=True, lora_rank=3, lora_alpha=12,
+                                                   lora_dropout=0.25, lora_target_modules=[".*dense_h_to_4h.*"]), "x")
+    lora_model = add_lora(GLMForConditionalGeneration.from_pretrained(demo_base["model"]), model_args)
+    adapted = {name: layer for name, layer in lora_model.model.named_sublayers() if hasattr(layer, "lora_A")}
+    assert sorted(adapted) == ["glm.transformer.layers.0.mlp.dense_h_to_4h", "glm.transformer.layers.1.mlp.dense_h_to_4h"]
+    layer = adapted["glm.transformer.layers.0.mlp.dense_h_to_4h"]
+    assert layer.lora_A.shape[1] == 3 and layer.scaling == pytest.approx(12 / 3)
+    assert layer.lora_dropout.p == 0.25
+    trainable = [name for name, p in lora_model.model.named_parameters() if not p.stop_gradient]
+    assert trainable and all("lora" in name for name in trainable)
+    model_args.lora_target_modules = [".*no_such_layer.*"]
+    with pytest.raises(ValueError, match="matched no linear layer"):
+        add_lora(GLMForConditionalGeneration.from_pretrained(demo_base["model"]), model_args)
+
+
+def test_label_smoothing_and_lr_decay_ratio_act_in_the_trainer(demo_base, tmp_path):
+    from paddle_glm.trainer import GLMTrainer
+
+    model_args, data_args, _, training_args = parse_arguments(
+        _common_flags(demo_base, tmp_path, label_smoothing=0.3, lr_decay_ratio=0.25, warmup_steps=2, max_steps=10), "x"
+    )
+    tokenizer = load_tokenizer(demo_base["model"])
+    model = GLMForConditionalGeneration.from_pretrained(demo_base["model"])
+    dataset = tokenize_pairs([("答案：北京，上下文：北京很大", "北京大吗")], tokenizer, 32, 8)
+    trainer = GLMTrainer(model=model, args=training_args, tokenizer=tokenizer, label_smoothing=model_args.label_smoothing,
+                         lr_decay_ratio=model_args.lr_decay_ratio)
+    batch = GLMCollator(tokenizer.pad_token_id)([dataset[0]])
+    model.eval()  # no dropout; compute_loss smooths only in training mode
+    plain = float(trainer.compute_loss(model, dict(batch)))
+    model.train()
+    for layer in model.sublayers():
+        if isinstance(layer, paddle.nn.Dropout):
+            layer.p = 0.0
+    smoothed = float(trainer.compute_loss(model, dict(batch)))
+    logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "loss_mask")}).logits.numpy()[0]
+    mask = batch["loss_mask"].numpy()[0] > 0
+    log_p = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    labels = batch["labels"].numpy()[0]
+    nll = -log_p[np.arange(len(labels)), labels][mask].mean()
+    expected = (0.7 * -log_p[np.arange(len(labels)), labels] + 0.3 * -log_p.mean(-1))[mask].mean()
+    assert plain == pytest.approx(nll, rel=1e-5) and smoothed == pytest.approx(expected, rel=1e-5)
+
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    rates = []
+    for _ in range(11):
+        rates.append(trainer.lr_scheduler.get_lr())
+        trainer.lr_scheduler.step()
+    peak = training_args.learning_rate
+    assert rates[1] == pytest.approx(peak / 2) and rates[2] == pytest.approx(peak)  # warm-up
+    assert rates[10] == pytest.approx(0.25 * peak)  # linear decay to lr_decay_ratio x peak
+    assert rates[6] == pytest.approx(peak - (peak - 0.25 * peak) * 4 / 8)
+
+
+def test_length_flags_truncate_sources_and_targets(demo_base):
+    tokenizer = load_tokenizer(demo_base["model"])
+    pair = [("答案：北京，上下文：" + "北京是中国的首都。" * 20, "中国的首都是哪里？" * 5)]
+    short = tokenize_pairs(pair, tokenizer, src_length=16, tgt_length=6)
+    long = tokenize_pairs(pair, tokenizer, src_length=64, tgt_length=20)
+    assert int(short[0]["attention_mask"]) == 16 and int(long[0]["attention_mask"]) == 64
+    assert len(short[0]["input_ids"]) == 16 + 6 and len(long[0]["input_ids"]) == 64 + 20
+
+
+def test_src_plus_tgt_beyond_model_positions_is_refused_before_work(demo_base, tmp_path):
+    with pytest.raises(ValueError, match="exceeds the model's 256 positions"):
+        main(_common_flags(demo_base, tmp_path, src_length=200, tgt_length=100))
+    assert not os.path.exists(tmp_path / "eval_results.json")
+
+
+@pytest.mark.timeout(300)
+def test_finetune_script_runs_unchanged_under_paddle_distributed_launch(demo_base, tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = _common_flags(demo_base, tmp_path / "out", max_steps=2, max_eval_samples=2)
+    command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+               str(tmp_path / "log"), os.path.join(root, "finetune_generation.py")] + argv
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=280)
+    logs = "".join(open(tmp_path / "log" / name).read() for name in sorted(os.listdir(tmp_path / "log")))
+    assert done.returncode == 0, done.stdout[-3000:] + logs[-3000:]
+    assert "Total Batch size = 8" in logs  # 4 per device x 2 data-parallel ranks
+    assert json.load(open(tmp_path / "out" / "eval_results.json"))["eval_bleu4"] >= 0.0
