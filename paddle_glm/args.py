@@ -136,6 +136,9 @@ class GenerationArguments:
         default=1.0, metadata={"help": "Penalise tokens already generated (1.0 = off)."}
     )
     seed_decoding: Optional[int] = field(default=None, metadata={"help": "Seed of sampling in evaluation."})
+    num_return_sequences: int = field(
+        default=1, metadata={"help": "Outputs per input (sampling, beam search); evaluation scores the best one."}
+    )
 
     def decoding_config(self, tokenizer, max_length: int) -> DecodingConfig:
         """The decoding settings for `paddle_glm.decoding`, validated there."""
@@ -152,6 +155,7 @@ class GenerationArguments:
             temperature=self.temperature,
             repetition_penalty=self.repetition_penalty,
             seed=self.seed_decoding,
+            num_return_sequences=self.num_return_sequences,
             eos_token_id=tokenizer.eop_token_id,
             pad_token_id=tokenizer.pad_token_id,
             tokenizer_size=len(tokenizer),

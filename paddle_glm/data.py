@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from paddlenlp.utils.log import logger
 
 from .inputs import GLMSpecialIds, build_source_ids, generation_example, training_example
 
-__all__ = ["DataError", "read_json_lines", "text_field", "TextPair", "GLMDataset", "tokenize_pairs", "read_pairs"]
+__all__ = [
+    "DataError", "read_json_lines", "write_json_lines", "text_field", "TextPair", "GLMDataset", "tokenize_pairs",
+    "read_pairs",
+]
 
 TextPair = Tuple[str, str]  # (source text, target text)
 
@@ -48,6 +51,21 @@ def read_json_lines(path: str) -> Iterator[Tuple[str, dict]]:
             yield where, record
     if not found:
         raise DataError(f"{path}: the file has no examples")
+
+
+def write_json_lines(records: Iterable[dict], path: str) -> None:
+    """Write one JSON object per line (UTF-8, unescaped), atomically: a temporary file, then a rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def text_field(record: dict, names: Sequence[str], where: str, allow_empty: bool = False) -> str:

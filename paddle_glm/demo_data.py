@@ -8,13 +8,14 @@ whether it learnt to copy rather than to remember.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Tuple
 
-__all__ = ["qg_records", "belle_records", "write_json_lines", "write_demo_splits", "demo_texts", "CITIES"]
+from .data import write_json_lines
+
+__all__ = ["qg_records", "belle_records", "write_demo_splits", "demo_texts", "CITIES"]
 
 # ---------------------------------------------------------------------------------------------
 # Entity tables
@@ -298,21 +299,6 @@ def belle_records(count: int, seed: int) -> List[dict]:
 # ---------------------------------------------------------------------------------------------
 
 GENERATORS: Dict[str, Callable[[int, int], List[dict]]] = {"qg": qg_records, "belle": belle_records}
-
-
-def write_json_lines(records: Iterable[dict], path: str) -> None:
-    """Write one JSON object per line (UTF-8, unescaped), atomically: a temporary file, then a rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def write_demo_splits(directory: str, kind: str, train: int, dev: int, seed: int = 0) -> Dict[str, str]:

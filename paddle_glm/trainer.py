@@ -7,7 +7,6 @@ BLEU-4 / ROUGE on characters and writes `OUTPUT_DIR/<prefix>_predictions.jsonl`.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Dict, Optional
@@ -16,7 +15,7 @@ from paddlenlp.trainer import Trainer
 from paddlenlp.trainer.trainer_utils import get_scheduler
 from tqdm import tqdm
 
-from .data import GLMDataset
+from .data import GLMDataset, write_json_lines
 from .decoding import DecodingConfig
 from .generation import generate
 from .metrics import generation_metrics
@@ -86,10 +85,8 @@ class GLMTrainer(Trainer):
         return metrics
 
     def _write_predictions(self, dataset: GLMDataset, predictions, name: str) -> None:
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        path = os.path.join(self.args.output_dir, name)
-        with open(path + ".tmp", "w", encoding="utf-8") as handle:
-            for source, reference, prediction in zip(dataset.sources, dataset.targets, predictions):
-                record = {"source": source, "reference": reference, "prediction": prediction}
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(path + ".tmp", path)
+        records = (
+            {"source": source, "reference": reference, "prediction": prediction}
+            for source, reference, prediction in zip(dataset.sources, dataset.targets, predictions)
+        )
+        write_json_lines(records, os.path.join(self.args.output_dir, name))

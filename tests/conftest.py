@@ -53,3 +53,18 @@ def cog_tokenizer():
 
 def to_numpy(tensor) -> np.ndarray:
     return tensor.astype("float32").numpy()
+
+
+@pytest.fixture(scope="session")
+def demo_base(tmp_path_factory):
+    """A tiny random GLM with a sentencepiece vocabulary trained on generated QG and BELLE data."""
+    from paddle_glm.demo import build_demo_model
+    from paddle_glm.demo_data import write_demo_splits
+
+    root = tmp_path_factory.mktemp("demo")
+    qg = write_demo_splits(str(root / "qg"), "qg", train=48, dev=6, seed=1)
+    belle = write_demo_splits(str(root / "belle"), "belle", train=48, dev=8, seed=1)
+    with open(qg["train"], "a", encoding="utf-8") as handle, open(belle["train"], encoding="utf-8") as extra:
+        handle.write(extra.read())  # one vocabulary for both tasks
+    build_demo_model(str(root / "base"), qg["train"], seed=0)
+    return {"model": str(root / "base"), "qg": qg, "belle": belle, "root": root}

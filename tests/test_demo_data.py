@@ -8,7 +8,8 @@ from collections import defaultdict
 
 import pytest
 
-from paddle_glm.demo_data import CITIES, belle_records, demo_texts, qg_records, write_demo_splits, write_json_lines
+from paddle_glm.data import write_json_lines
+from paddle_glm.demo_data import CITIES, belle_records, demo_texts, qg_records, write_demo_splits
 
 
 def _substrings(text: str, length: int = 2):

@@ -10,26 +10,13 @@ import paddle
 import pytest
 
 from paddle_glm.data import tokenize_pairs
-from paddle_glm.demo import build_demo_model
-from paddle_glm.demo_data import write_demo_splits, write_json_lines
+from paddle_glm.data import write_json_lines
 from paddle_glm.finetune import main, parse_arguments
 from paddle_glm.generation import generate
 from paddle_glm.inputs import GLMCollator
 from paddle_glm.lora import add_lora
 from paddle_glm.model import GLMForConditionalGeneration
 from paddle_glm.tokenizer import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def demo_base(tmp_path_factory):
-    """A tiny random GLM with a sentencepiece vocabulary trained on generated QG and BELLE data."""
-    root = tmp_path_factory.mktemp("demo")
-    qg = write_demo_splits(str(root / "qg"), "qg", train=48, dev=6, seed=1)
-    belle = write_demo_splits(str(root / "belle"), "belle", train=48, dev=8, seed=1)
-    with open(qg["train"], "a", encoding="utf-8") as handle, open(belle["train"], encoding="utf-8") as extra:
-        handle.write(extra.read())  # one vocabulary for both tasks
-    build_demo_model(str(root / "base"), qg["train"], seed=0)
-    return {"model": str(root / "base"), "qg": qg, "belle": belle, "root": root}
 
 
 def _common_flags(base, output_dir, **overrides):
@@ -225,10 +212,15 @@ def test_finetune_script_runs_unchanged_under_paddle_distributed_launch(demo_bas
     import subprocess
     import sys
 
+    import socket
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     argv = _common_flags(demo_base, tmp_path / "out", max_steps=2, max_eval_samples=2)
-    command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
-               str(tmp_path / "log"), os.path.join(root, "finetune_generation.py")] + argv
+    with socket.socket() as probe:  # a free port, so that concurrent launches never collide
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "paddle.distributed.launch", "--master", f"127.0.0.1:{port}", "--nproc_per_node",
+               "2", "--log_dir", str(tmp_path / "log"), os.path.join(root, "finetune_generation.py")] + argv
     done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=280)
     logs = "".join(open(tmp_path / "log" / name).read() for name in sorted(os.listdir(tmp_path / "log")))
     assert done.returncode == 0, done.stdout[-3000:] + logs[-3000:]
