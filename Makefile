@@ -16,6 +16,8 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python finetune_generation.py
+	$(BIN)/python export_generation_model.py
+	$(BIN)/python infer_generation.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,13 +1,13 @@
 """LoRA adapters through `paddlenlp.peft`, configured from the command line (the reference hard-codes r=4)."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import paddle
 from paddlenlp.utils.log import logger
 from paddlenlp.peft import LoRAConfig, LoRAModel
 
-__all__ = ["add_lora", "merged_state_dict"]
+__all__ = ["add_lora", "merged_state_dict", "load_with_adapter"]
 
 
 def add_lora(model: paddle.nn.Layer, args) -> LoRAModel:
@@ -41,3 +41,15 @@ def merged_state_dict(lora_model: LoRAModel) -> Dict[str, paddle.Tensor]:
         if hasattr(layer, "lora_A") and not getattr(layer, "merged", False):
             state[f"{name}.weight"] = layer.weight + layer.lora_A @ layer.lora_B * layer.scaling
     return state
+
+
+def load_with_adapter(model_name_or_path: str, lora_path: Optional[str] = None) -> paddle.nn.Layer:
+    """A plain `GLMForConditionalGeneration`, with the adapter at `lora_path` folded into its weights."""
+    from .model import GLMForConditionalGeneration
+
+    model = GLMForConditionalGeneration.from_pretrained(model_name_or_path)
+    if lora_path:
+        lora_model = LoRAModel.from_pretrained(model, lora_path)
+        model = GLMForConditionalGeneration(lora_model.model.config)
+        model.set_state_dict(merged_state_dict(lora_model))
+    return model

@@ -1,0 +1,163 @@
+"""Export a GLM for serving: static prefill and decode graphs with K/V cache inputs and outputs.
+
+The reference freezes greedy decoding for 20 tokens into one graph. Here the graphs only compute
+next-token logits and the new cache; every decoding strategy and setting is chosen at run time by
+the runner (`infer/`), through the same `paddle_glm.decoding` that training evaluation uses.
+
+An export directory holds:
+- `prefill.json` / `prefill.pdiparams`: (input_ids [B, S], position_ids [B, 2, S], attention_mask
+  [B, 1, S, S]) -> (logits [B, V] of the last position, cache [L, 2, B, S, heads, head_dim]);
+- `decode.json` / `decode.pdiparams`: (input_ids [B, 1], position_ids [B, 2, 1], attention_mask
+  [B, 1, 1, T + 1], cache [L, 2, B, T, heads, head_dim]) -> (logits [B, V], cache [L, 2, B, T + 1, ...]);
+- the tokenizer files and `export_config.json` (format version, shapes, dtype, lengths, special ids).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import paddle
+from paddle.static import InputSpec
+from paddlenlp.trainer import PdArgumentParser
+from paddlenlp.utils.log import logger
+
+from paddle_glm.args import check
+from paddle_glm.lora import load_with_adapter
+from paddle_glm.model import GLMForConditionalGeneration
+from paddle_glm.tokenizer import load_tokenizer
+
+__all__ = ["ExportArguments", "export_generation_model", "main", "EXPORT_FORMAT_VERSION", "GRAPHS"]
+
+EXPORT_FORMAT_VERSION = 1
+GRAPHS = ("prefill", "decode")
+CONFIG_NAME = "export_config.json"
+
+
+@dataclass
+class ExportArguments:
+    model_name_or_path: str = field(
+        default="checkpoints/demo/dureader_qg", metadata={"help": "Checkpoint to export (default: the demo's)."}
+    )
+    output_path: str = field(default="checkpoints/demo/export", metadata={"help": "Directory to write."})
+    lora_path: Optional[str] = field(default=None, metadata={"help": "LoRA adapter merged into the weights."})
+    dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16 weights and activations."})
+    src_length: Optional[int] = field(
+        default=None, metadata={"help": "Longest source the export serves (default: positions - tgt_length)."}
+    )
+    tgt_length: int = field(default=64, metadata={"help": "Most tokens the export generates per input."})
+    onnx: bool = field(default=False, metadata={"help": "Also write prefill.onnx and decode.onnx (paddle2onnx)."})
+
+
+class PrefillGraph(paddle.nn.Layer):
+    """The prompt pass: last-position logits and the whole K/V cache, stacked into one tensor."""
+
+    def __init__(self, model: GLMForConditionalGeneration):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, attention_mask):
+        output = self.model(input_ids, position_ids, attention_mask, num_logits_to_keep=1)
+        return _last_logits(output), _stack(output.past_key_values)
+
+
+class DecodeGraph(paddle.nn.Layer):
+    """One step over new tokens with the stacked cache [L, 2, B, T, heads, head_dim]."""
+
+    def __init__(self, model: GLMForConditionalGeneration):
+        super().__init__()
+        self.model = model
+        self.num_layers = model.config.num_layers
+
+    def forward(self, input_ids, position_ids, attention_mask, cache):
+        layers = [(cache[i, 0], cache[i, 1]) for i in range(self.num_layers)]
+        output = self.model(input_ids, position_ids, attention_mask, cache=layers, num_logits_to_keep=1)
+        return _last_logits(output), _stack(output.past_key_values)
+
+
+def _last_logits(output):
+    return output.logits[:, -1].astype("float32")
+
+
+def _stack(cache):
+    return paddle.stack([paddle.stack([key, value]) for key, value in cache])
+
+
+def input_specs(config, dtype: str):
+    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    common = [
+        InputSpec([None, None], "int64", "input_ids"),
+        InputSpec([None, 2, None], "int64", "position_ids"),
+        InputSpec([None, 1, None, None], "float32", "attention_mask"),
+    ]
+    cache = InputSpec([config.num_layers, 2, None, None, heads, head_dim], dtype, "cache")
+    return {"prefill": common, "decode": common + [cache]}
+
+
+def export_generation_model(
+    model: GLMForConditionalGeneration, tokenizer, output_path: str, dtype: str, src_length: int, tgt_length: int,
+    onnx: bool = False,
+) -> dict:
+    """Write the graphs, the tokenizer and `export_config.json`; returns the config written."""
+    os.makedirs(output_path, exist_ok=True)
+    model.eval()
+    if dtype != "float32":
+        model.to(dtype=dtype)
+    specs = input_specs(model.config, dtype)
+    for name, graph in (("prefill", PrefillGraph(model)), ("decode", DecodeGraph(model))):
+        static = paddle.jit.to_static(graph, input_spec=specs[name], full_graph=True)
+        paddle.jit.save(static, os.path.join(output_path, name))
+        logger.info(f"exported {name} graph to {output_path}")
+    tokenizer.save_pretrained(output_path)
+    config = export_config(model.config, tokenizer, dtype, src_length, tgt_length)
+    with open(os.path.join(output_path, CONFIG_NAME), "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2)
+    if onnx:
+        from .onnx import convert_to_onnx
+
+        convert_to_onnx(output_path)
+    return config
+
+
+def export_config(config, tokenizer, dtype: str, src_length: int, tgt_length: int) -> dict:
+    return {
+        "format_version": EXPORT_FORMAT_VERSION,
+        "graphs": {name: name for name in GRAPHS},
+        "dtype": dtype,
+        "num_layers": config.num_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "head_dim": config.hidden_size // config.num_attention_heads,
+        "vocab_size": config.vocab_size,
+        "tokenizer_size": len(tokenizer),
+        "max_sequence_length": config.max_sequence_length,
+        "src_length": src_length,
+        "tgt_length": tgt_length,
+        "special_ids": {
+            "pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id, "cls": tokenizer.cls_token_id,
+            "sop": tokenizer.sop_token_id, "eop": tokenizer.eop_token_id, "gmask": tokenizer.gmask_token_id,
+            "smask": tokenizer.smask_token_id, "mask": tokenizer.mask_token_id,
+        },
+    }
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    (args,) = PdArgumentParser(ExportArguments).parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    paddle.set_device("cpu")
+    if not os.path.exists(args.model_name_or_path) and args.model_name_or_path == ExportArguments.model_name_or_path:
+        raise SystemExit(f"{args.model_name_or_path} does not exist yet: run `python finetune_generation.py` first")
+    model = load_with_adapter(args.model_name_or_path, args.lora_path)
+    src_length = args.src_length or model.config.max_sequence_length - args.tgt_length
+    problems = []
+    if args.dtype not in ("float32", "float16", "bfloat16"):
+        problems.append(f"--dtype {args.dtype}: use float32, float16 or bfloat16")
+    if src_length < 4 or src_length + args.tgt_length > model.config.max_sequence_length:
+        problems.append(f"--src_length {src_length} + --tgt_length {args.tgt_length} must fit the model's "
+                        f"{model.config.max_sequence_length} positions")
+    check(problems)
+    config = export_generation_model(
+        model, load_tokenizer(args.model_name_or_path), args.output_path, args.dtype, src_length, args.tgt_length,
+        args.onnx,
+    )
+    logger.info(f"export written to {args.output_path}: {json.dumps({k: config[k] for k in ('dtype', 'src_length', 'tgt_length')})}")

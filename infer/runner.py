@@ -1,0 +1,86 @@
+"""Serve an exported GLM through a C++ engine, decoding with settings chosen at run time.
+
+    python infer_generation.py                                   # the demo export, a few demo texts
+    python infer_generation.py --model_path EXPORT_DIR --text "答案：...，上下文：..." --num_beams 5
+    python infer_generation.py --model_path EXPORT_DIR --backend onnxruntime --input_file in.json
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from paddle_glm.args import check
+from paddle_glm.batch_predict import check_lengths, parse_with_io, predict_records, read_inputs, write_outputs
+from paddle_glm.decoding import DecodingConfig, GenerationResult, generate
+from paddle_glm.inputs import Example, generation_batch
+from paddle_glm.tokenizer import load_tokenizer
+
+from export.exporter import CONFIG_NAME, EXPORT_FORMAT_VERSION
+
+from .engines import BACKENDS, create_engine
+from .stepper import ExportedStepper
+
+__all__ = ["InferArguments", "GLMRunner", "main"]
+
+DEMO_EXPORT = "checkpoints/demo/export"
+
+
+@dataclass
+class InferArguments:
+    model_path: str = field(default=DEMO_EXPORT, metadata={"help": "Directory written by export_generation_model.py."})
+    model_prefix: Optional[str] = field(
+        default=None, metadata={"help": "Graph file prefix inside --model_path (default: from export_config.json)."}
+    )
+    backend: str = field(default="paddle", metadata={"help": "paddle (Paddle Inference), onnxruntime or fastdeploy."})
+    device: str = field(default="cpu", metadata={"help": "cpu or gpu."})
+    cpu_threads: Optional[int] = field(default=None, metadata={"help": "CPU math threads (default: the engine's)."})
+
+
+class GLMRunner:
+    """An exported GLM behind an engine: prompts in, `GenerationResult` out."""
+
+    def __init__(self, export_dir: str, backend: str = "paddle", device: str = "cpu",
+                 cpu_threads: Optional[int] = None, model_prefix: Optional[str] = None):
+        self.config = read_export_config(export_dir)
+        graphs = self.config["graphs"]
+        if model_prefix:
+            graphs = {name: f"{model_prefix}{name}" for name in graphs}
+        self.engine = create_engine(backend, export_dir, graphs, device, cpu_threads)
+
+    def generate(self, prompts: List[Example], decoding: DecodingConfig) -> GenerationResult:
+        batch = generation_batch(prompts, decoding.pad_token_id)
+        return generate(ExportedStepper(self.engine, batch), len(prompts), decoding)
+
+
+def read_export_config(export_dir: str) -> dict:
+    path = os.path.join(export_dir, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: is {export_dir} a directory written by export_generation_model.py?")
+    with open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    if config.get("format_version") != EXPORT_FORMAT_VERSION:
+        raise ValueError(f"{path}: export format {config.get('format_version')} but this runner reads "
+                         f"{EXPORT_FORMAT_VERSION}; export the model again")
+    return config
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args, io, gen_args = parse_with_io(InferArguments, argv)
+    demo = args.model_path == DEMO_EXPORT
+    if demo and not os.path.exists(DEMO_EXPORT):
+        raise SystemExit(f"{DEMO_EXPORT} does not exist yet: run `python finetune_generation.py` and "
+                         "`python export_generation_model.py` first")
+    check([f"--backend {args.backend}: choose one of {', '.join(BACKENDS)}"] if args.backend not in BACKENDS else [])
+    runner = GLMRunner(args.model_path, args.backend, args.device, args.cpu_threads, args.model_prefix)
+    export = runner.config
+    io.src_length = io.src_length or export["src_length"]
+    check([f"--{name} {getattr(io, name)} exceeds the export's {export[name]}: export again with a larger one"
+           for name in ("src_length", "tgt_length") if getattr(io, name) > export[name]])
+    src_length = check_lengths(io, gen_args, export["src_length"] + export["tgt_length"], use_demo_texts=demo)
+    tokenizer = load_tokenizer(args.model_path)
+    decoding = gen_args.decoding_config(tokenizer, max_length=io.tgt_length)
+    outputs = predict_records(read_inputs(io, demo), tokenizer, io, src_length, decoding,
+                              lambda prompts: runner.generate(prompts, decoding))
+    write_outputs(io, outputs)

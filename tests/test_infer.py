@@ -1,0 +1,97 @@
+"""Exported graphs run by the C++ runner give the same tokens as the dynamic-graph model."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import paddle
+import pytest
+from paddlenlp.peft import LoRAConfig, LoRAModel
+
+from export.exporter import main as export_main
+from infer.runner import GLMRunner, main as infer_main
+from paddle_glm.decoding import DecodingConfig
+from paddle_glm.generation import generate
+from paddle_glm.inputs import GLMSpecialIds, build_source_ids, generation_example
+from paddle_glm.lora import load_with_adapter
+from paddle_glm.model import GLMForConditionalGeneration
+from paddle_glm.tokenizer import load_tokenizer
+
+TEXTS = ["答案：巴黎，上下文：巴黎是法国的首都，位于欧洲，人口约210万。", "答案：长江", "答案：1998年，上下文：云海公司于1998年推出了手表。",
+         "上下文：从南京到武汉约500公里"]
+
+
+@pytest.fixture(scope="module")
+def exported(demo_base, tmp_path_factory):
+    """The tiny demo model (with a random LoRA adapter given an effect) exported in fp32."""
+    root = tmp_path_factory.mktemp("export")
+    model = GLMForConditionalGeneration.from_pretrained(demo_base["model"])
+    lora_model = LoRAModel(model, LoRAConfig(target_modules=[".*dense_h_to_4h.*"], r=4, lora_alpha=8))
+    paddle.seed(9)
+    for name, param in lora_model.model.named_parameters():
+        if "lora_B" in name:
+            param.set_value(paddle.randn(param.shape) * 0.3)
+    lora_model.save_pretrained(str(root / "adapter"))
+    export_main(["--model_name_or_path", demo_base["model"], "--lora_path", str(root / "adapter"),
+                 "--output_path", str(root / "export"), "--tgt_length", "12"])
+    return {"dir": str(root / "export"), "adapter": str(root / "adapter"), "base": demo_base["model"]}
+
+
+def _prompts(tokenizer, texts=TEXTS, src_length=64):
+    special = GLMSpecialIds.from_tokenizer(tokenizer)
+    return [generation_example(build_source_ids(tokenizer(t, add_special_tokens=False)["input_ids"], special, src_length),
+                               special) for t in texts]
+
+
+def test_export_writes_graphs_tokenizer_and_config(exported):
+    files = set(os.listdir(exported["dir"]))
+    assert {"prefill.json", "prefill.pdiparams", "decode.json", "decode.pdiparams", "export_config.json"} <= files
+    assert "tokenizer_config.json" in files
+    config = json.load(open(os.path.join(exported["dir"], "export_config.json")))
+    tokenizer = load_tokenizer(exported["dir"])
+    assert config["format_version"] == 1 and config["dtype"] == "float32"
+    assert (config["tgt_length"], config["src_length"]) == (12, 256 - 12)
+    assert config["special_ids"]["eop"] == tokenizer.eop_token_id and config["tokenizer_size"] == len(tokenizer)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(decode_strategy="greedy_search"),
+    dict(decode_strategy="beam_search", num_beams=3, length_penalty=0.7, num_return_sequences=2),
+    dict(decode_strategy="beam_search", num_beams=4, no_repeat_ngram_size=2, min_length=3),
+    dict(decode_strategy="sampling", top_k=5, top_p=0.9, temperature=0.8, seed=3),
+])
+def test_paddle_inference_runner_equals_dygraph_generate(exported, settings):
+    tokenizer = load_tokenizer(exported["dir"])
+    config = DecodingConfig(eos_token_id=tokenizer.eop_token_id, pad_token_id=tokenizer.pad_token_id, max_length=12,
+                            tokenizer_size=len(tokenizer), **settings)
+    prompts = _prompts(tokenizer)
+    assert len({len(p["input_ids"]) for p in prompts}) == len(prompts)  # all lengths differ
+    dygraph = generate(load_with_adapter(exported["base"], exported["adapter"]), prompts, config)
+    runner = GLMRunner(exported["dir"], backend="paddle", device="cpu", cpu_threads=1)
+    served = runner.generate(prompts, config)
+    assert served.sequences == dygraph.sequences
+    np.testing.assert_allclose(served.scores, dygraph.scores, rtol=1e-4, atol=1e-5)
+
+
+def test_decoding_settings_are_chosen_at_run_time(exported, tmp_path):
+    def run(*flags):
+        output = tmp_path / "out.json"
+        infer_main(["--model_path", exported["dir"], "--output_file", str(output), "--tgt_length", "10",
+                    "--text", TEXTS[0], "--text", TEXTS[2]] + list(flags))
+        return [json.loads(line)["prediction"] for line in open(output, encoding="utf-8")]
+
+    greedy = run("--decode_strategy", "greedy_search")
+    beams = run("--decode_strategy", "beam_search", "--num_beams", "4", "--no_repeat_ngram_size", "0")
+    short = run("--decode_strategy", "greedy_search", "--tgt_length", "2")
+    assert greedy != beams
+    assert all(len(s) <= len(g) for s, g in zip(short, greedy)) and short != greedy
+
+
+def test_runner_refuses_sources_longer_than_the_export(exported):
+    with pytest.raises(ValueError, match="--src_length 250 exceeds the export's 244"):
+        infer_main(["--model_path", exported["dir"], "--text", "x", "--src_length", "250", "--tgt_length", "4"])
+    with pytest.raises(ValueError, match="--tgt_length 13 exceeds the export's 12"):
+        infer_main(["--model_path", exported["dir"], "--text", "x", "--tgt_length", "13"])
+    with pytest.raises(FileNotFoundError, match="export_config.json not found"):
+        GLMRunner(os.path.dirname(exported["dir"]))
