@@ -3,8 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# FastDeploy 1.0.7 has wheels for Python <= 3.10 only: its test runs in a second environment.
+FD_PYTHON ?= $(shell for p in $(HOME)/.pyenv/versions/3.10*/bin/python3 $$(command -v python3.10); do \
+	"$$p" -c "" 2>/dev/null && echo "$$p" && break; done)
+FD_VENV := .venv-fastdeploy
+FD_STAMP := $(FD_VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,15 +17,24 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+$(FD_STAMP):
+	@if [ -n "$(FD_PYTHON)" ]; then \
+		$(FD_PYTHON) -m venv $(FD_VENV) && \
+		$(FD_VENV)/bin/python -m pip install --quiet "fastdeploy-python==1.0.7" "numpy<2" && touch $(FD_STAMP); \
+	else \
+		echo "no Python 3.10 found: the FastDeploy test will be skipped"; \
+	fi
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python finetune_generation.py
-	$(BIN)/python export_generation_model.py
+	$(BIN)/python export_generation_model.py --onnx
 	$(BIN)/python infer_generation.py
+	$(BIN)/python infer_generation.py --backend onnxruntime
 
-test: $(STAMP)
+test: $(STAMP) $(FD_STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) checkpoints output
+	rm -rf $(VENV) $(FD_VENV) checkpoints

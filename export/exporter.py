@@ -26,7 +26,7 @@ from paddlenlp.utils.log import logger
 
 from paddle_glm.args import check
 from paddle_glm.lora import load_with_adapter
-from paddle_glm.model import GLMForConditionalGeneration
+from paddle_glm.model import GLMMLP, GLMForConditionalGeneration
 from paddle_glm.tokenizer import load_tokenizer
 
 __all__ = ["ExportArguments", "export_generation_model", "main", "EXPORT_FORMAT_VERSION", "GRAPHS"]
@@ -103,6 +103,9 @@ def export_generation_model(
     """Write the graphs, the tokenizer and `export_config.json`; returns the config written."""
     os.makedirs(output_path, exist_ok=True)
     model.eval()
+    for layer in model.sublayers():
+        if isinstance(layer, GLMMLP):
+            layer.gelu_as_formula = True  # survives paddle2onnx exactly (see GLMMLP)
     if dtype != "float32":
         model.to(dtype=dtype)
     specs = input_specs(model.config, dtype)
@@ -115,10 +118,20 @@ def export_generation_model(
     with open(os.path.join(output_path, CONFIG_NAME), "w", encoding="utf-8") as handle:
         json.dump(config, handle, indent=2)
     if onnx:
-        from .onnx import convert_to_onnx
-
         convert_to_onnx(output_path)
     return config
+
+
+def convert_to_onnx(output_path: str, opset_version: int = 17) -> None:
+    """`prefill.onnx` and `decode.onnx` beside the Paddle graphs, for ONNX Runtime and FastDeploy."""
+    import paddle2onnx
+
+    for name in GRAPHS:
+        prefix = os.path.join(output_path, name)
+        # optimize_tool None: the default (polygraphy) tries to pip-install sympy at conversion time.
+        paddle2onnx.export(prefix + ".json", prefix + ".pdiparams", save_file=prefix + ".onnx",
+                           opset_version=opset_version, optimize_tool="None")
+        logger.info(f"exported {name}.onnx")
 
 
 def export_config(config, tokenizer, dtype: str, src_length: int, tgt_length: int) -> dict:

@@ -110,9 +110,18 @@ class GLMMLP(nn.Layer):
         self.dense_h_to_4h = nn.Linear(config.hidden_size, 4 * config.hidden_size)
         self.dense_4h_to_h = nn.Linear(4 * config.hidden_size, config.hidden_size)
         self.dropout = nn.Dropout(config.output_dropout_prob)
+        # Exported graphs spell tanh-GELU out in elementary ops: paddle2onnx turns the fused
+        # `gelu(approximate=True)` into exact (erf) GELU, which would shift ONNX logits by ~1e-3.
+        self.gelu_as_formula = False
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        return self.dropout(self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(hidden_states), approximate=True)))
+        hidden_states = self.dense_h_to_4h(hidden_states)
+        if self.gelu_as_formula:
+            cubic = hidden_states + 0.044715 * hidden_states * hidden_states * hidden_states
+            hidden_states = 0.5 * hidden_states * (1.0 + paddle.tanh(math.sqrt(2.0 / math.pi) * cubic))
+        else:
+            hidden_states = F.gelu(hidden_states, approximate=True)
+        return self.dropout(self.dense_4h_to_h(hidden_states))
 
 
 class GLMBlock(nn.Layer):

@@ -68,3 +68,23 @@ def demo_base(tmp_path_factory):
         handle.write(extra.read())  # one vocabulary for both tasks
     build_demo_model(str(root / "base"), qg["train"], seed=0)
     return {"model": str(root / "base"), "qg": qg, "belle": belle, "root": root}
+
+
+@pytest.fixture(scope="session")
+def exported(demo_base, tmp_path_factory):
+    """The tiny demo model (with a random LoRA adapter given an effect) exported in fp32."""
+    from paddlenlp.peft import LoRAConfig, LoRAModel
+
+    from export.exporter import main as export_main
+
+    root = tmp_path_factory.mktemp("export")
+    model = GLMForConditionalGeneration.from_pretrained(demo_base["model"])
+    lora_model = LoRAModel(model, LoRAConfig(target_modules=[".*dense_h_to_4h.*"], r=4, lora_alpha=8))
+    paddle.seed(9)
+    for name, param in lora_model.model.named_parameters():
+        if "lora_B" in name:
+            param.set_value(paddle.randn(param.shape) * 0.3)
+    lora_model.save_pretrained(str(root / "adapter"))
+    export_main(["--model_name_or_path", demo_base["model"], "--lora_path", str(root / "adapter"),
+                 "--output_path", str(root / "export"), "--tgt_length", "12", "--onnx"])
+    return {"dir": str(root / "export"), "adapter": str(root / "adapter"), "base": demo_base["model"]}
