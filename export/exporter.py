@@ -24,7 +24,7 @@ from paddle.static import InputSpec
 from paddlenlp.trainer import PdArgumentParser
 from paddlenlp.utils.log import logger
 
-from paddle_glm.args import check
+from paddle_glm.args import check, exit_on_bad_input
 from paddle_glm.lora import load_with_adapter
 from paddle_glm.model import GLMMLP, GLMForConditionalGeneration
 from paddle_glm.tokenizer import load_tokenizer
@@ -155,6 +155,7 @@ def export_config(config, tokenizer, dtype: str, src_length: int, tgt_length: in
     }
 
 
+@exit_on_bad_input
 def main(argv: Optional[List[str]] = None) -> None:
     (args,) = PdArgumentParser(ExportArguments).parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
     paddle.set_device("cpu")

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from paddle_glm.args import check
+from paddle_glm.args import InputError, check, exit_on_bad_input
 from paddle_glm.batch_predict import check_lengths, parse_with_io, predict_records, read_inputs, write_outputs
 from paddle_glm.decoding import DecodingConfig, GenerationResult, generate
 from paddle_glm.inputs import Example, generation_batch
@@ -47,6 +47,7 @@ class GLMRunner:
         graphs = self.config["graphs"]
         if model_prefix:
             graphs = {name: f"{model_prefix}{name}" for name in graphs}
+        check_graph_files(export_dir, graphs, backend, model_prefix)
         self.engine = create_engine(backend, export_dir, graphs, device, cpu_threads)
 
     def generate(self, prompts: List[Example], decoding: DecodingConfig) -> GenerationResult:
@@ -59,13 +60,30 @@ def read_export_config(export_dir: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: is {export_dir} a directory written by export_generation_model.py?")
     with open(path, encoding="utf-8") as handle:
-        config = json.load(handle)
+        try:
+            config = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise InputError(f"{path}: not a valid export config ({error}); export the model again") from None
     if config.get("format_version") != EXPORT_FORMAT_VERSION:
-        raise ValueError(f"{path}: export format {config.get('format_version')} but this runner reads "
+        raise InputError(f"{path}: export format {config.get('format_version')} but this runner reads "
                          f"{EXPORT_FORMAT_VERSION}; export the model again")
     return config
 
 
+def check_graph_files(export_dir: str, graphs: dict, backend: str, model_prefix: Optional[str] = None) -> None:
+    """Raise FileNotFoundError naming every file of the export that the backend needs and that is missing."""
+    suffixes = (".json", ".pdiparams") if backend == "paddle" else (".onnx",)
+    needed = [stem + suffix for stem in graphs.values() for suffix in suffixes] + ["tokenizer_config.json"]
+    missing = [os.path.join(export_dir, name) for name in needed if not os.path.isfile(os.path.join(export_dir, name))]
+    if missing:
+        fix = (f"check --model_prefix {model_prefix}" if model_prefix else "export the model again")
+        if backend != "paddle":
+            fix += " (with --onnx for the onnxruntime and fastdeploy backends)"
+        raise FileNotFoundError(f"{', '.join(missing)} not found: the export in {export_dir} is incomplete for "
+                                f"--backend {backend}; {fix}")
+
+
+@exit_on_bad_input
 def main(argv: Optional[List[str]] = None) -> None:
     args, io, gen_args = parse_with_io(InferArguments, argv)
     demo = args.model_path == DEMO_EXPORT

@@ -6,21 +6,58 @@ every problem at once, naming the flag and the fix.
 """
 from __future__ import annotations
 
+import functools
+import sys
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional
 
-from .decoding import DecodingConfig
+from .decoding import STRATEGIES, DecodingConfig
 
-__all__ = ["ModelArguments", "DataArguments", "GenerationArguments", "FLAG_ALIASES", "check"]
+__all__ = [
+    "ModelArguments", "DataArguments", "GenerationArguments", "FLAG_ALIASES", "InputError", "check",
+    "exit_on_bad_input",
+]
 
 # Extra spellings accepted on the command line (and in JSON argument files): alias -> flag.
 FLAG_ALIASES = {"--r": "--lora_rank"}
 
 
+class InputError(ValueError):
+    """Bad flags or input files (a `ValueError`); the message names the flag or `file:line` and the fix."""
+
+
 def check(problems: List[str]) -> None:
-    """Raise one ValueError listing every problem found."""
+    """Raise one InputError listing every problem found."""
     if problems:
-        raise ValueError("invalid arguments:\n  - " + "\n  - ".join(problems))
+        raise InputError("invalid arguments:\n  - " + "\n  - ".join(problems))
+
+
+# What a script run reports as bad input rather than as a crash: our checks (`InputError`, `DataError`), every
+# other `ValueError` raised while checking flags (PaddleNLP's `TrainingArguments` too) and unusable paths.
+BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def exit_on_bad_input(main: Callable) -> Callable:
+    """Decorate a script's `main(argv=None, ...)`: run as a script (argv None: flags from `sys.argv`), bad input
+    ends it with `error: <message>` on stderr and exit status 2 (argparse's convention) instead of a
+    traceback, and Ctrl-C with `interrupted` and status 130. Called with an argv list (from Python, tests),
+    the exception propagates unchanged."""
+
+    @functools.wraps(main)
+    def run(argv: Optional[List[str]] = None, *args, **kwargs):
+        if argv is not None:
+            return main(argv, *args, **kwargs)
+        try:
+            return main(argv, *args, **kwargs)
+        except BAD_INPUT as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted (files already written are complete: checkpoints and outputs are written "
+                  "atomically)", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    return run
 
 
 @dataclass
@@ -72,6 +109,9 @@ class ModelArguments:
             problems.append(f"--lora_dropout {self.lora_dropout}: must be in [0, 1)")
         if self.merge_lora and not self.lora:
             problems.append("--merge_lora needs --lora")
+        if self.lora_path and not self.lora:
+            problems.append(f"--lora_path {self.lora_path} needs --lora "
+                            "(add --lora true to train or evaluate the adapter)")
         check(problems)
 
 
@@ -97,6 +137,12 @@ class DataArguments:
     )
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N training pairs."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N evaluation pairs."})
+    skip_invalid_examples: bool = field(
+        default=False,
+        metadata={"help": "Skip data lines that are not valid examples instead of stopping at the first one; the "
+                          "count and reasons are logged and every skipped line is listed (file, line, reason) in "
+                          "OUTPUT_DIR/skipped_examples.jsonl."},
+    )
 
     def __post_init__(self):
         problems = []
@@ -139,6 +185,33 @@ class GenerationArguments:
     num_return_sequences: int = field(
         default=1, metadata={"help": "Outputs per input (sampling, beam search); evaluation scores the best one."}
     )
+
+    def __post_init__(self):
+        """Refuse impossible decoding flags at parse time, naming the flag and the fix."""
+        beam = self.decode_strategy == "beam_search"
+        checks = [
+            (self.decode_strategy not in STRATEGIES,
+             f"--decode_strategy {self.decode_strategy}: choose one of {', '.join(STRATEGIES)}"),
+            (self.num_beams < 1, f"--num_beams {self.num_beams}: must be at least 1"),
+            (beam and self.num_beams == 1,
+             "--num_beams 1: beam_search needs at least 2 beams (for one, use --decode_strategy greedy_search)"),
+            (not 0.0 <= self.top_p <= 1.0, f"--top_p {self.top_p}: must lie in [0, 1] (0 or 1 = off)"),
+            (self.top_k < 0, f"--top_k {self.top_k}: must be >= 0 (0 = off)"),
+            (not self.temperature > 0.0, f"--temperature {self.temperature}: must be > 0 (1 = unchanged)"),
+            (self.no_repeat_ngram_size < 0,
+             f"--no_repeat_ngram_size {self.no_repeat_ngram_size}: must be >= 0 (0 = off)"),
+            (self.min_tgt_length < 0, f"--min_tgt_length {self.min_tgt_length}: must be >= 0"),
+            (not self.repetition_penalty > 0.0,
+             f"--repetition_penalty {self.repetition_penalty}: must be > 0 (1 = off)"),
+            (self.num_return_sequences < 1, f"--num_return_sequences {self.num_return_sequences}: must be at least 1"),
+            (beam and self.num_beams >= 1 and self.num_return_sequences > self.num_beams,
+             f"--num_return_sequences {self.num_return_sequences} exceeds --num_beams {self.num_beams}: "
+             "beam search returns at most one sequence per beam"),
+            (self.decode_strategy == "greedy_search" and self.num_return_sequences > 1,
+             f"--num_return_sequences {self.num_return_sequences}: greedy_search gives one; "
+             "use --decode_strategy sampling or beam_search"),
+        ]
+        check([message for bad, message in checks if bad])
 
     def decoding_config(self, tokenizer, max_length: int) -> DecodingConfig:
         """The decoding settings for `paddle_glm.decoding`, validated there."""

@@ -1,5 +1,10 @@
 """Texts in, generated texts out: the input/output half shared by `predict_generation.py` (dynamic graph)
 and `infer_generation.py` (exported graphs). Only the function that decodes a batch of prompts differs.
+
+Bad inputs never cost the others their predictions: an input line that is not valid (not UTF-8, invalid JSON,
+source field missing, empty or not a string) or an empty `--text` gets an output record with an `error` field
+(`file:line: reason`) instead of a `prediction`, with a warning in the log, and the run goes on. Sources longer
+than `--src_length` tokens lose their end (as in training); the count is logged.
 """
 from __future__ import annotations
 
@@ -13,11 +18,12 @@ from paddlenlp.utils.log import logger
 from tqdm import tqdm
 
 from .args import GenerationArguments, check
-from .data import read_json_lines, text_field, write_json_lines
+from .data import DataError, read_json_lines, text_field, write_json_lines
 from .decoding import DecodingConfig, GenerationResult
 from .inputs import Example, GLMSpecialIds, build_source_ids, generation_example
 
-__all__ = ["IOArguments", "parse_with_io", "read_inputs", "check_lengths", "predict_records", "write_outputs"]
+__all__ = ["IOArguments", "parse_with_io", "read_inputs", "check_lengths", "predict_records", "write_outputs",
+           "InvalidInput"]
 
 DEMO_TEXTS = [
     "答案：巴黎，上下文：巴黎是法国的首都，位于欧洲，人口约210万。",
@@ -85,33 +91,58 @@ def check_lengths(io: IOArguments, gen_args: GenerationArguments, positions: int
     return src_length
 
 
+class InvalidInput(dict):
+    """An input that cannot be predicted: its output record as is (the input record, if any, plus `error`)."""
+
+
 def read_inputs(io: IOArguments, use_demo_texts: bool) -> List[dict]:
+    """The input records in order; a bad line of --input_file comes as an `InvalidInput` (a missing, empty or
+    UTF-16 file still raises a DataError)."""
     if io.input_file:
-        records = []
-        for where, record in read_json_lines(io.input_file):
-            text_field(record, (io.source_field,), where)
+        records: List[dict] = []
+        on_error = lambda number, error: records.append(InvalidInput(error=str(error)))  # noqa: E731
+        for where, record in read_json_lines(io.input_file, on_error=on_error):
+            try:
+                text_field(record, (io.source_field,), where)
+            except DataError as error:
+                record = InvalidInput(record, error=str(error))
             records.append(record)
         return records
-    return [{io.source_field: text} for text in (io.text or (DEMO_TEXTS if use_demo_texts else []))]
+    texts = io.text or (DEMO_TEXTS if use_demo_texts else [])
+    return [InvalidInput({io.source_field: text}, error=f"--text {index + 1}: empty text") if not text.strip()
+            else {io.source_field: text} for index, text in enumerate(texts)]
 
 
 def predict_records(records: List[dict], tokenizer, io: IOArguments, src_length: int, decoding: DecodingConfig,
                     decode_batch: DecodeBatch) -> List[dict]:
-    """Each record plus its `prediction` (a list when several sequences are returned)."""
+    """Each record plus its `prediction` (a list when several sequences are returned), in input order; an
+    `InvalidInput` is passed through with its `error` (and a warning) instead."""
     special = GLMSpecialIds.from_tokenizer(tokenizer)
     per_prompt = decoding.num_return_sequences
-    outputs = []
-    for start in tqdm(range(0, len(records), io.batch_size), desc="predicting", disable=len(records) <= io.batch_size):
-        batch = records[start:start + io.batch_size]
-        prompts = [
-            generation_example(build_source_ids(tokenizer(r[io.source_field], add_special_tokens=False)["input_ids"],
-                                                special, src_length), special)
-            for r in batch
-        ]
+    outputs: List[Optional[dict]] = [dict(r) if isinstance(r, InvalidInput) else None for r in records]
+    valid = [index for index, record in enumerate(records) if not isinstance(record, InvalidInput)]
+    truncated = 0
+    for start in tqdm(range(0, len(valid), io.batch_size), desc="predicting", disable=len(valid) <= io.batch_size):
+        batch = valid[start:start + io.batch_size]
+        prompts = []
+        for index in batch:
+            ids = tokenizer(records[index][io.source_field], add_special_tokens=False)["input_ids"]
+            truncated += len(ids) > src_length - 3  # [CLS] text [gMASK] <|endoftext|>
+            prompts.append(generation_example(build_source_ids(ids, special, src_length), special))
         sequences = decode_batch(prompts).sequences
-        for index, record in enumerate(batch):
-            texts = [tokenizer.decode(s, skip_special_tokens=True) for s in sequences[index * per_prompt:(index + 1) * per_prompt]]
-            outputs.append({**record, "prediction": texts[0] if per_prompt == 1 else texts})
+        for position, index in enumerate(batch):
+            texts = [tokenizer.decode(s, skip_special_tokens=True)
+                     for s in sequences[position * per_prompt:(position + 1) * per_prompt]]
+            outputs[index] = {**records[index], "prediction": texts[0] if per_prompt == 1 else texts}
+    if truncated:
+        logger.warning(f"truncated {truncated} of {len(valid)} sources to --src_length {src_length} tokens "
+                       "(their end dropped)")
+    errors = [record["error"] for record in records if isinstance(record, InvalidInput)]
+    for message in errors[:10]:
+        logger.warning(f"not predicted: {message}")
+    if errors:
+        logger.warning(f"{len(errors)} of {len(records)} inputs not predicted: their output records carry 'error' "
+                       "instead of 'prediction'")
     return outputs
 
 

@@ -8,49 +8,104 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from paddlenlp.utils.log import logger
 
+from .args import InputError
 from .inputs import GLMSpecialIds, build_source_ids, generation_example, training_example
 
 __all__ = [
     "DataError", "read_json_lines", "write_json_lines", "text_field", "TextPair", "GLMDataset", "tokenize_pairs",
-    "read_pairs",
+    "read_pairs", "summarize_skipped", "MAX_LINE_BYTES",
 ]
 
 TextPair = Tuple[str, str]  # (source text, target text)
 
 
-class DataError(ValueError):
-    """Bad input data; the message starts with `file:line` and names the field."""
+class DataError(InputError):
+    """Bad input data (an `InputError`, so a `ValueError`); the message starts with `file:line` and names the field."""
 
 
-def read_json_lines(path: str) -> Iterator[Tuple[str, dict]]:
-    """Yields (`path:line`, record) for every non-blank line; a byte-order mark is accepted."""
+# A longer line is refused rather than read into memory: such a file is rarely JSON lines (one example per line).
+MAX_LINE_BYTES = 64 * 1024 * 1024
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # also the start of UTF-32's
+
+LineError = Callable[[int, DataError], None]
+
+
+def read_json_lines(path: str, on_error: Optional[LineError] = None) -> Iterator[Tuple[str, dict]]:
+    """Yields (`path:line`, record) for every non-blank line; a UTF-8 byte-order mark is accepted.
+
+    A line that is no JSON object (not UTF-8, invalid JSON, another JSON value, over MAX_LINE_BYTES) raises a
+    DataError naming `path:line`; with `on_error`, it goes to `on_error(line_number, error)` instead and
+    reading goes on. A missing file, a UTF-16 file or a file without records always raises.
+    """
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such data file")
-    found = False
+    found = errors = 0
     with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        if handle.read(2) in _UTF16_BOMS:
+            raise DataError(f"{path}: the file is UTF-16 or UTF-32 (it starts with such a byte-order mark): "
+                            "save it as UTF-8")
+        handle.seek(0)
+        for number, raw in _numbered_lines(handle):
             where = f"{path}:{number}"
             try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as error:
-                raise DataError(f"{where}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-            if not line.strip():
+                record = _parse_line(raw, where)
+            except DataError as error:
+                if on_error is None:
+                    raise
+                errors += 1
+                on_error(number, error)
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object per line, got {type(record).__name__}")
-            found = True
-            yield where, record
+            if record is not None:
+                found += 1
+                yield where, record
     if not found:
-        raise DataError(f"{path}: the file has no examples")
+        raise DataError(f"{path}: the file has no examples" + (f" ({errors} invalid lines skipped)" if errors else ""))
+
+
+def _numbered_lines(handle) -> Iterator[Tuple[int, Optional[bytes]]]:
+    """(line number, bytes), or (line number, None) for a line over MAX_LINE_BYTES, which is skipped unread."""
+    number = 0
+    while True:
+        raw = handle.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        number += 1
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):
+                raw = handle.readline(1 << 20)
+            yield number, None
+        else:
+            yield number, raw
+
+
+def _parse_line(raw: Optional[bytes], where: str) -> Optional[dict]:
+    """The line's JSON object, or None for a blank line."""
+    if raw is None:
+        limit = f"{MAX_LINE_BYTES >> 20} MiB" if MAX_LINE_BYTES >= 1 << 20 else f"{MAX_LINE_BYTES} bytes"
+        raise DataError(f"{where}: line longer than {limit}, not read "
+                        "(expected JSON lines: one example per line)")
+    try:
+        line = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{where}: not UTF-8 text ({error.reason} at byte {error.start}): save the file as UTF-8") from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        hint = ": expected one JSON object per line, not one JSON document" if line.strip() in ("[", "{") else ""
+        raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno}){hint}") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object per line, got {type(record).__name__}")
+    return record
 
 
 def write_json_lines(records: Iterable[dict], path: str) -> None:
@@ -131,11 +186,37 @@ def _encode(tokenizer, text: str) -> List[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def read_pairs(path: str, to_pairs: Callable[[dict, str], List[TextPair]], limit: Optional[int] = None) -> List[TextPair]:
-    """All (source, target) pairs of a JSON-lines file, through a task's record mapping."""
+def read_pairs(path: str, to_pairs: Callable[[dict, str], List[TextPair]], limit: Optional[int] = None,
+               skipped: Optional[List[dict]] = None) -> List[TextPair]:
+    """All (source, target) pairs of a JSON-lines file, through a task's record mapping.
+
+    The first line that is no valid example raises its DataError (`file:line: ...`). Given a list `skipped`
+    (`--skip_invalid_examples`), every such line is appended to it as {"file", "line", "reason"} instead and
+    reading goes on; a file without a single valid example still raises.
+    """
+    def skip(number: int, error: DataError) -> None:
+        prefix = f"{path}:{number}: "
+        message = str(error)
+        reason = message[len(prefix):] if message.startswith(prefix) else message
+        skipped.append({"file": path, "line": number, "reason": reason})
+
     pairs: List[TextPair] = []
-    for where, record in read_json_lines(path):
-        pairs.extend(to_pairs(record, where))
+    for where, record in read_json_lines(path, on_error=None if skipped is None else skip):
+        try:
+            pairs.extend(to_pairs(record, where))
+        except DataError as error:
+            if skipped is None:
+                raise
+            skip(int(where.rsplit(":", 1)[1]), error)
+            continue
         if limit is not None and len(pairs) >= limit:
             return pairs[:limit]
+    if not pairs and skipped is not None:  # every record was skipped
+        raise DataError(f"{path}: no valid examples: all {sum(s['file'] == path for s in skipped)} lines skipped")
     return pairs
+
+
+def summarize_skipped(skipped: List[dict]) -> str:
+    """'3 invalid JSON, 1 missing field 'question'': skipped lines counted by reason, details dropped."""
+    counts = Counter(re.sub(r"\s*\([^()]*\)", "", item["reason"]) for item in skipped)
+    return ", ".join(f"{count} {reason}" for reason, count in counts.most_common())

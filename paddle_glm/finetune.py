@@ -5,6 +5,7 @@ predict -> checkpoint (+ merged LoRA). Run with no arguments it uses the bundled
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import List, Optional, Tuple
@@ -15,17 +16,18 @@ from paddlenlp.utils.log import logger
 
 from tasks import get_task
 
-from .args import FLAG_ALIASES, DataArguments, GenerationArguments, ModelArguments, check
-from .data import read_pairs, tokenize_pairs
+from .args import FLAG_ALIASES, DataArguments, GenerationArguments, InputError, ModelArguments, check, exit_on_bad_input
+from .data import read_pairs, summarize_skipped, tokenize_pairs, write_json_lines
 from .demo import prepare_demo
 from .inputs import GLMCollator
 from .lora import add_lora, merged_state_dict
-from .model import GLMForConditionalGeneration
+from .model import GLMConfig, GLMForConditionalGeneration
 from .tokenizer import load_tokenizer
 from .trainer import GLMTrainer
 
 __all__ = ["parse_arguments", "main"]
 
+SKIPPED_NAME = "skipped_examples.jsonl"  # --skip_invalid_examples: file, line and reason of every skipped line
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks", "configs")
 Arguments = Tuple[ModelArguments, DataArguments, GenerationArguments, TrainingArguments]
 
@@ -40,9 +42,16 @@ def parse_arguments(argv: List[str], demo_arguments: str, task_name: str = "dure
     if argv[0].endswith(".json"):
         argv = parser.read_json(argv[0]) + list(argv[1:])  # later flags win
     argv = [FLAG_ALIASES.get(arg, arg) for arg in argv]
-    return parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, gen_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    # TrainingArguments forgets --tensor_parallel_degree in a single process; keep the value asked for, so that
+    # one that cannot split the model is refused before a multi-process launch would find out.
+    requested = argparse.ArgumentParser(add_help=False)
+    requested.add_argument("--tensor_parallel_degree", type=int, default=-1)
+    training_args.requested_tensor_parallel_degree = requested.parse_known_args(argv)[0].tensor_parallel_degree
+    return model_args, data_args, gen_args, training_args
 
 
+@exit_on_bad_input
 def main(argv: Optional[List[str]] = None, demo: str = "finetune_argument.json", task_name: str = "dureader_qg") -> None:
     model_args, data_args, gen_args, training_args = parse_arguments(
         sys.argv[1:] if argv is None else argv, os.path.join(CONFIG_DIR, "demo", demo), task_name
@@ -54,13 +63,14 @@ def main(argv: Optional[List[str]] = None, demo: str = "finetune_argument.json",
                      kind="belle" if task.NAME == "belle" else "qg", seed=training_args.seed)
 
     tokenizer = load_tokenizer(model_args.model_name_or_path)
+    check_against_model(GLMConfig.from_pretrained(model_args.model_name_or_path), tokenizer, data_args, gen_args,
+                        training_args)
     model = GLMForConditionalGeneration.from_pretrained(
         model_args.model_name_or_path,
         tensor_parallel_degree=training_args.tensor_parallel_degree,
         tensor_parallel_rank=training_args.tensor_parallel_rank,
         use_flash_attention=model_args.use_flash_attention,
     )
-    check_against_model(model, tokenizer, data_args, gen_args, training_args)
     if model_args.lora:
         model = add_lora(model, model_args)
 
@@ -79,13 +89,15 @@ def main(argv: Optional[List[str]] = None, demo: str = "finetune_argument.json",
     run(trainer, model_args, datasets, training_args)
 
 
-def check_against_model(model, tokenizer, data_args, gen_args, training_args) -> None:
-    """Refuse flag values the model cannot serve, before any work starts."""
-    config = model.config
+def check_against_model(config, tokenizer, data_args, gen_args, training_args) -> None:
+    """Refuse flag values the model (its `config`) cannot serve, before any work starts."""
     problems = []
     if len(tokenizer) > config.vocab_size:
         problems.append(f"the tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size} embeddings")
-    if data_args.src_length + data_args.tgt_length > config.max_sequence_length:
+    if data_args.tgt_length >= config.max_sequence_length:
+        problems.append(f"--tgt_length {data_args.tgt_length} exceeds the model's {config.max_sequence_length} "
+                        "positions: lower it")
+    elif data_args.src_length + data_args.tgt_length > config.max_sequence_length:
         problems.append(
             f"--src_length {data_args.src_length} + --tgt_length {data_args.tgt_length} exceeds the model's "
             f"{config.max_sequence_length} positions: lower one of them"
@@ -94,6 +106,19 @@ def check_against_model(model, tokenizer, data_args, gen_args, training_args) ->
         problems.append(f"--min_tgt_length {gen_args.min_tgt_length} exceeds --tgt_length {data_args.tgt_length}")
     if training_args.do_train and not data_args.train_file and not _online_task(data_args):
         problems.append("--do_train needs --train_file (JSON lines)")
+    degree = max(training_args.tensor_parallel_degree, getattr(training_args, "requested_tensor_parallel_degree", -1))
+    heads = config.num_attention_heads
+    if degree > 1 and heads % degree:
+        divisors = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0)
+        problems.append(f"--tensor_parallel_degree {degree} does not divide the model's {heads} attention heads: "
+                        f"use one of {divisors}")
+    elif degree > 1 and config.vocab_size % degree:
+        problems.append(f"--tensor_parallel_degree {degree} does not divide the model's vocabulary of "
+                        f"{config.vocab_size} embeddings")
+    resume = training_args.resume_from_checkpoint
+    if training_args.do_train and resume and not os.path.isfile(os.path.join(resume, "trainer_state.json")):
+        problems.append(f"--resume_from_checkpoint {resume}: not a checkpoint (no trainer_state.json); give an "
+                        f"OUTPUT_DIR/checkpoint-N directory")
     check(problems)
 
 
@@ -108,18 +133,25 @@ def load_datasets(task, data_args: DataArguments, tokenizer, training_args) -> d
         "dev": (training_args.do_eval, data_args.dev_file, data_args.max_eval_samples),
         "test": (training_args.do_predict, data_args.test_file, data_args.max_eval_samples),
     }
-    datasets = {}
+    datasets, all_skipped = {}, []
     for split, (needed, path, limit) in wanted.items():
         if not needed:
             continue
+        skipped = [] if data_args.skip_invalid_examples else None
         if path:
-            pairs = read_pairs(path, lambda record, where: task.to_pairs(record, where, data_args), limit)
+            pairs = read_pairs(path, lambda record, where: task.to_pairs(record, where, data_args), limit, skipped)
         elif _online_task(data_args) and split != "test":
             pairs = _paddlenlp_dureader_pairs(task, split, limit)
         else:
-            raise ValueError(f"--do_{'eval' if split == 'dev' else 'predict'} needs --{split}_file (JSON lines)")
+            raise InputError(f"--do_{'eval' if split == 'dev' else 'predict'} needs --{split}_file (JSON lines)")
+        if skipped:
+            logger.warning(f"{split}: skipped {len(skipped)} invalid lines of {path} (--skip_invalid_examples): "
+                           f"{summarize_skipped(skipped)}; each is listed in {training_args.output_dir}/{SKIPPED_NAME}")
+            all_skipped += skipped
         datasets[split] = tokenize_pairs(pairs, tokenizer, data_args.src_length, data_args.tgt_length)
         logger.info(f"{split}: {len(pairs)} examples")
+    if data_args.skip_invalid_examples and training_args.should_save:
+        write_json_lines(all_skipped, os.path.join(training_args.output_dir, SKIPPED_NAME))
     return datasets
 
 

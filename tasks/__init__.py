@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from paddle_glm.args import InputError
+
 from . import belle, dureader_qg, jsonl
 
 TASKS = {module.NAME: module for module in (dureader_qg, belle, jsonl)}
@@ -16,5 +18,5 @@ TASKS = {module.NAME: module for module in (dureader_qg, belle, jsonl)}
 
 def get_task(name: str) -> ModuleType:
     if name not in TASKS:
-        raise ValueError(f"--task_name {name!r} is not a known task: choose one of {', '.join(sorted(TASKS))}")
+        raise InputError(f"--task_name {name!r} is not a known task: choose one of {', '.join(sorted(TASKS))}")
     return TASKS[name]
