@@ -33,6 +33,11 @@ from paddlenlp.transformers.glm.configuration import (
 from paddlenlp.transformers.glm.modeling import GLMPretrainedModel as _PaddleNLPGLMPretrainedModel
 from paddlenlp.transformers.model_outputs import CausalLMOutputWithCrossAttentions
 
+from .parallel import (
+    ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, copy_to_model_parallel,
+    gather_from_model_parallel, parallel_cross_entropy, tensor_parallel_degree,
+)
+
 __all__ = ["GLMConfig", "GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration", "KVCache"]
 
 # One (key, value) pair per layer, each [batch, cache_len, num_heads, head_dim].
@@ -52,6 +57,13 @@ def sep_to_dense_mask(sep: Tensor, query_length: int, cache_length: int = 0) -> 
     return visible.astype("float32").unsqueeze(1)
 
 
+def _linear(config: GLMConfig, in_features: int, out_features: int, split: str) -> nn.Layer:
+    """nn.Linear, or its column/row-parallel form when the config asks for tensor parallelism."""
+    if tensor_parallel_degree(config) == 1:
+        return nn.Linear(in_features, out_features)
+    return (ColumnParallelLinear if split == "column" else RowParallelLinear)(in_features, out_features)
+
+
 class GLMAttention(nn.Layer):
     """Multi-head self-attention over a fused QKV projection, appending to a K/V cache."""
 
@@ -62,12 +74,19 @@ class GLMAttention(nn.Layer):
                 f"hidden_size ({config.hidden_size}) must be a multiple of num_attention_heads "
                 f"({config.num_attention_heads})"
             )
-        self.num_heads = config.num_attention_heads
+        degree = tensor_parallel_degree(config)
+        if config.num_attention_heads % degree:
+            raise ValueError(f"--tensor_parallel_degree {degree} does not divide the {config.num_attention_heads} "
+                             "attention heads: choose a divisor")
+        self.num_heads = config.num_attention_heads // degree  # this rank's heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.use_flash_attention = bool(getattr(config, "use_flash_attention", False))
         self.dropout_p = config.attention_dropout_prob
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        # A tensor-parallel shard of QKV is laid out per head, [q_h | k_h | v_h] for each of its heads
+        # (PaddleNLP's split rule); the whole matrix is [q | k | v].
+        self.per_head_qkv = degree > 1
+        self.query_key_value = _linear(config, config.hidden_size, 3 * config.hidden_size, "column")
+        self.dense = _linear(config, config.hidden_size, config.hidden_size, "row")
         self.attention_dropout = nn.Dropout(config.attention_dropout_prob)
         self.output_dropout = nn.Dropout(config.output_dropout_prob)
 
@@ -75,10 +94,12 @@ class GLMAttention(nn.Layer):
         self, hidden_states: Tensor, mask_bias: Tensor, cache: Optional[Tuple[Tensor, Tensor]] = None
     ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         batch, length = hidden_states.shape[0], hidden_states.shape[1]
-        mixed = self.query_key_value(hidden_states)  # (B, q, 3 * nh * hd), laid out [q | k | v]
-        query, key, value = paddle.split(mixed, 3, axis=-1)
+        mixed = self.query_key_value(hidden_states)  # (B, q, 3 * nh * hd)
         shape = [batch, length, self.num_heads, self.head_dim]
-        query, key, value = query.reshape(shape), key.reshape(shape), value.reshape(shape)  # (B, q, nh, hd)
+        if self.per_head_qkv:
+            query, key, value = paddle.split(mixed.reshape([batch, length, self.num_heads, 3 * self.head_dim]), 3, axis=-1)
+        else:
+            query, key, value = (part.reshape(shape) for part in paddle.split(mixed, 3, axis=-1))  # (B, q, nh, hd)
         if cache is not None:
             key = paddle.concat([cache[0], key], axis=1)  # (B, cache + q, nh, hd)
             value = paddle.concat([cache[1], value], axis=1)
@@ -107,8 +128,8 @@ class GLMMLP(nn.Layer):
 
     def __init__(self, config: GLMConfig):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, 4 * config.hidden_size)
-        self.dense_4h_to_h = nn.Linear(4 * config.hidden_size, config.hidden_size)
+        self.dense_h_to_4h = _linear(config, config.hidden_size, 4 * config.hidden_size, "column")
+        self.dense_4h_to_h = _linear(config, 4 * config.hidden_size, config.hidden_size, "row")
         self.dropout = nn.Dropout(config.output_dropout_prob)
         # Exported graphs spell tanh-GELU out in elementary ops: paddle2onnx turns the fused
         # `gelu(approximate=True)` into exact (erf) GELU, which would shift ONNX logits by ~1e-3.
@@ -213,10 +234,11 @@ class GLMModel(GLMPretrainedModel):
 
     def __init__(self, config: GLMConfig):
         super().__init__(config)
-        self.word_embeddings = nn.Embedding(
-            config.vocab_size, config.hidden_size,
-            weight_attr=paddle.ParamAttr(initializer=nn.initializer.XavierNormal()),
-        )
+        attr = paddle.ParamAttr(initializer=nn.initializer.XavierNormal())
+        if tensor_parallel_degree(config) > 1:
+            self.word_embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size, weight_attr=attr)
+        else:
+            self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, weight_attr=attr)
         self.transformer = GLMStack(config)
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -249,6 +271,7 @@ class GLMForConditionalGeneration(GLMPretrainedModel):
         cache: Optional[KVCache] = None,
         label_smoothing: Optional[float] = None,
         num_logits_to_keep: int = 0,
+        loss_positions_only: bool = False,
         return_dict: bool = True,
         use_cache: bool = True,
     ):
@@ -258,6 +281,8 @@ class GLMForConditionalGeneration(GLMPretrainedModel):
         row 1 block positions (0 in part A, 1, 2, ... in part B). Defaults: 0..S-1 and zeros.
         `attention_mask`: 1-D sep [B] or dense [B, 1, S, cache + S]; default: fully bidirectional.
         `loss_mask` [B, S] selects the positions whose `labels` count (mean over selected positions).
+        `loss_positions_only` (training): project to the vocabulary only where `loss_mask` is set, the
+        target part, typically a fifth of the positions; logits then come back for those rows only, [N, V].
         """
         batch, length = input_ids.shape
         cache_length = cache[0][0].shape[1] if cache else 0
@@ -268,19 +293,40 @@ class GLMForConditionalGeneration(GLMPretrainedModel):
         hidden_states, new_cache = self.glm(input_ids, position_ids, attention_mask, cache)
         if num_logits_to_keep:
             hidden_states = hidden_states[:, -num_logits_to_keep:]
-        logits = paddle.matmul(hidden_states, self.glm.word_embeddings.weight, transpose_y=True)
-
-        loss = None
-        if labels is not None:
-            if label_smoothing is None:
-                label_smoothing = float(getattr(self.config, "label_smoothing", 0.0))
-            loss = glm_loss(logits, labels, loss_mask, label_smoothing)
+        if loss_positions_only and labels is not None and loss_mask is not None:
+            hidden_states, labels, loss_mask = _loss_positions(hidden_states, labels, loss_mask)
+        if label_smoothing is None:
+            label_smoothing = float(getattr(self.config, "label_smoothing", 0.0))
+        if tensor_parallel_degree(self.config) > 1:
+            logits, loss = self._parallel_head(hidden_states, labels, loss_mask, label_smoothing)
+        else:
+            logits = paddle.matmul(hidden_states, self.glm.word_embeddings.weight, transpose_y=True)
+            loss = None if labels is None else glm_loss(logits, labels, loss_mask, label_smoothing)
         if not use_cache:
             new_cache = None
         if not return_dict:
             outputs = (logits, new_cache)
             return ((loss,) + outputs) if loss is not None else outputs
         return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits, past_key_values=new_cache)
+
+    def _parallel_head(self, hidden_states: Tensor, labels: Optional[Tensor], loss_mask: Optional[Tensor],
+                       label_smoothing: float):
+        """Vocabulary-sharded logits: the loss never gathers them (they are returned sharded with a loss);
+        without labels (generation) they are gathered whole."""
+        embeddings = self.glm.word_embeddings
+        logits = paddle.matmul(copy_to_model_parallel(hidden_states), embeddings.weight, transpose_y=True)
+        if labels is None:
+            return gather_from_model_parallel(logits), None
+        token_loss = parallel_cross_entropy(logits, labels, embeddings.start, self.config.vocab_size, label_smoothing)
+        return logits, _masked_mean(token_loss, loss_mask)
+
+
+def _loss_positions(hidden_states: Tensor, labels: Tensor, loss_mask: Tensor):
+    """The rows of the flattened batch whose loss mask is set (hidden [N, H], labels [N], mask [N])."""
+    mask = loss_mask.reshape([-1]).astype("float32")
+    index = paddle.nonzero(mask > 0).squeeze(-1)
+    hidden_states = paddle.index_select(hidden_states.reshape([-1, hidden_states.shape[-1]]), index)
+    return hidden_states, paddle.index_select(labels.reshape([-1]), index), paddle.index_select(mask, index)
 
 
 def _default_position_ids(batch: int, length: int, start: int) -> Tensor:
@@ -302,6 +348,10 @@ def glm_loss(logits: Tensor, labels: Tensor, loss_mask: Optional[Tensor], label_
     token_loss = log_normalizer - target
     if label_smoothing > 0:
         token_loss = log_normalizer - (1.0 - label_smoothing) * target - label_smoothing * logits.mean(axis=-1)
+    return _masked_mean(token_loss, loss_mask)
+
+
+def _masked_mean(token_loss: Tensor, loss_mask: Optional[Tensor]) -> Tensor:
     if loss_mask is None:
         return token_loss.mean()
     loss_mask = loss_mask.astype("float32").reshape(token_loss.shape)

@@ -7,13 +7,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from functools import partial
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import paddle
+import paddle.distributed as dist
+from paddle.distributed import fleet
 from paddlenlp.utils.log import logger
 
+from .checkpoint import merge_shards
+from .args import exit_on_bad_input
 from .batch_predict import check_lengths, parse_with_io, predict_records, read_inputs, write_outputs
 from .generation import generate
 from .lora import load_with_adapter
@@ -38,27 +43,66 @@ class PredictArguments:
     device: str = field(default="cpu", metadata={"help": "cpu or gpu."})
 
 
+@exit_on_bad_input
 def main(argv: Optional[List[str]] = None) -> None:
     args, io, gen_args = parse_with_io(PredictArguments, argv)
     paddle.set_device(args.device)
     demo = args.model_name_or_path == DEMO_CHECKPOINT
     if demo and not os.path.exists(DEMO_CHECKPOINT):
         raise SystemExit(f"{DEMO_CHECKPOINT} does not exist yet: run `python finetune_generation.py` (the demo) first")
+    degree, rank = init_tensor_parallel()
+    if degree > 1 and gen_args.seed_decoding is None:
+        gen_args.seed_decoding = 0  # every rank must draw the same samples, or they stop agreeing on the tokens
     tokenizer = load_tokenizer(args.model_name_or_path)
-    model = load_model(args)
+    model = load_model(args, degree, rank)
     src_length = check_lengths(io, gen_args, model.config.max_sequence_length, use_demo_texts=demo)
     decoding = gen_args.decoding_config(tokenizer, max_length=io.tgt_length)
     outputs = predict_records(read_inputs(io, demo), tokenizer, io, src_length, decoding,
                               partial(generate, model, config=decoding))
-    write_outputs(io, outputs)
+    if rank == 0:
+        write_outputs(io, outputs)
 
 
-def load_model(args: PredictArguments) -> GLMForConditionalGeneration:
-    """The model, with a LoRA adapter folded in when given (decoding then runs at full speed)."""
-    model = load_with_adapter(args.model_name_or_path, args.lora_path)
+def init_tensor_parallel() -> Tuple[int, int]:
+    """Under `paddle.distributed.launch`, every process is one tensor-parallel rank (as the reference does)."""
+    degree = dist.get_world_size()
+    if degree == 1:
+        return 1, 0
+    strategy = fleet.DistributedStrategy()
+    strategy.hybrid_configs = {"dp_degree": 1, "mp_degree": degree, "pp_degree": 1}
+    fleet.init(is_collective=True, strategy=strategy)
+    return degree, fleet.get_hybrid_communicate_group().get_model_parallel_rank()
+
+
+def load_model(args: PredictArguments, degree: int = 1, rank: int = 0) -> GLMForConditionalGeneration:
+    """The model (this rank's shard under tensor parallelism), with a LoRA adapter folded in when given."""
+    if degree > 1:
+        if args.lora_path:
+            raise ValueError("--lora_path with tensor parallelism: merge the adapter first (--merge_tensor_parallel_path "
+                             "in a one-process run), then predict with the merged model")
+        model = GLMForConditionalGeneration.from_pretrained(
+            args.model_name_or_path, tensor_parallel_degree=degree, tensor_parallel_rank=rank)
+    else:
+        model = load_with_adapter(args.model_name_or_path, args.lora_path)
     model.eval()
     if args.merge_tensor_parallel_path:
-        model.save_pretrained(args.merge_tensor_parallel_path)
-        load_tokenizer(args.model_name_or_path).save_pretrained(args.merge_tensor_parallel_path)
-        logger.info(f"model written to {args.merge_tensor_parallel_path}")
+        save_merged(model, args, degree, rank)
     return model
+
+
+def save_merged(model: GLMForConditionalGeneration, args: PredictArguments, degree: int, rank: int) -> None:
+    """One checkpoint in `--merge_tensor_parallel_path`: shards are joined offline by rank 0."""
+    target = args.merge_tensor_parallel_path
+    if degree == 1:
+        model.save_pretrained(target)
+    else:
+        shards = os.path.join(target, ".shards")
+        model.save_pretrained(shards)  # each rank writes its model_state.tpXX.pdparams
+        dist.barrier()
+        if rank == 0:
+            merge_shards(shards, target)
+            shutil.rmtree(shards)
+        dist.barrier()
+    if rank == 0:
+        load_tokenizer(args.model_name_or_path).save_pretrained(target)
+        logger.info(f"model written to {target}")

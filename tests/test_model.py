@@ -226,3 +226,23 @@ def test_checkpoint_round_trips_with_paddlenlp(twin_models, tmp_path):
         to_numpy(loaded_in_ours(ids, position_ids, sep).logits), to_numpy(reference(ids, position_ids, dense, return_dict=True).logits),
         atol=1e-5,
     )
+
+
+def test_loss_positions_only_gives_the_same_loss_and_gradients(twin_models):
+    ours, _ = twin_models
+    ids, position_ids, sep = _inputs(12)
+    labels = paddle.to_tensor(np.random.default_rng(13).integers(0, V, [B, S]), dtype="int64")
+    loss_mask = (paddle.arange(S).unsqueeze(0) >= sep.unsqueeze(1)).astype("float32")
+
+    def loss_and_grad(only):
+        ours.clear_gradients()
+        output = ours(ids, position_ids, sep, labels=labels, loss_mask=loss_mask, label_smoothing=0.1,
+                      loss_positions_only=only)
+        output.loss.backward()
+        return output, ours.glm.word_embeddings.weight.grad.numpy().copy()
+
+    (full, full_grad), (sparse, sparse_grad) = loss_and_grad(False), loss_and_grad(True)
+    assert float(sparse.loss) == pytest.approx(float(full.loss), rel=1e-6)
+    np.testing.assert_allclose(sparse_grad, full_grad, atol=1e-6)
+    selected = int(loss_mask.sum())
+    assert sparse.logits.shape == [selected, V] and selected < B * S  # the projection ran on fewer rows

@@ -1,0 +1,158 @@
+"""Tensor parallelism on CPU (gloo): 2-process launches against the one-process model, shard merge/split."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import pytest
+
+from conftest import tiny_config
+from paddle_glm.checkpoint import merge_shards, shard_files, split_checkpoint
+from paddle_glm.model import GLMForConditionalGeneration
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.timeout(600)
+
+
+def launch(tmp_path, script, *args, nproc=2):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_dir = tmp_path / f"log-{os.path.basename(script)}-{port}"
+    command = [sys.executable, "-m", "paddle.distributed.launch", "--master", f"127.0.0.1:{port}",
+               "--nproc_per_node", str(nproc), "--log_dir", str(log_dir), os.path.join(ROOT, script)] + [str(a) for a in args]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=500)
+    logs = "".join(open(log_dir / name).read()[-3000:] for name in sorted(os.listdir(log_dir)))
+    assert done.returncode == 0, logs
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A random tiny GLM saved unsplit, with inputs and the one-process logits, loss and gradients."""
+    root = tmp_path_factory.mktemp("tp")
+    paddle.seed(0)
+    model = GLMForConditionalGeneration(tiny_config())
+    model.save_pretrained(str(root / "ckpt"))
+    rng = np.random.default_rng(0)
+    batch, length = 2, 10
+    inputs = dict(
+        input_ids=rng.integers(0, 96, [batch, length]),
+        position_ids=np.stack([np.tile(np.arange(length), (batch, 1)), np.zeros((batch, length), int)], 1),
+        attention_mask=np.array([4, 6]), labels=rng.integers(0, 96, [batch, length]),
+        loss_mask=(np.arange(length)[None] >= np.array([4, 6])[:, None]).astype("float32"),
+    )
+    np.savez(root / "ckpt" / "inputs.npz", **inputs)
+    tensors = {k: paddle.to_tensor(v) for k, v in inputs.items()}
+    model.eval()
+    logits = model(tensors["input_ids"], tensors["position_ids"], tensors["attention_mask"]).logits
+    loss = model(tensors["input_ids"], tensors["position_ids"], tensors["attention_mask"], labels=tensors["labels"],
+                 loss_mask=tensors["loss_mask"], label_smoothing=0.1).loss
+    loss.backward()
+    grads = {name: p.grad.numpy() for name, p in model.named_parameters()}
+    return {"dir": root / "ckpt", "logits": logits.numpy(), "loss": float(loss), "grads": grads, "root": root}
+
+
+def test_tensor_parallel_forward_backward_equal_one_process(tiny_checkpoint, tmp_path):
+    launch(tmp_path, "tests/tp_worker.py", tiny_checkpoint["dir"], tmp_path)
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in (0, 1)]
+    for result in ranks:
+        assert np.abs(result["logits"] - tiny_checkpoint["logits"]).max() <= 1e-5
+        assert float(result["loss"]) == pytest.approx(tiny_checkpoint["loss"], rel=1e-6)
+    # Gradients of the shards, merged by PaddleNLP's rules (per-head QKV included), equal the one-process ones.
+    config = tiny_config(tensor_parallel_degree=2)
+    merge = GLMForConditionalGeneration._get_tensor_parallel_mappings(config, is_split=False)
+    for name, expected in tiny_checkpoint["grads"].items():
+        parts = [result[f"grad:{name}"] for result in ranks]
+        action = merge.get(name.split(".", 1)[1])
+        got = action(parts) if action else parts[0]
+        np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=name)
+
+
+def test_checkpoint_split_then_merge_is_exact_and_logits_agree(tiny_checkpoint, tmp_path):
+    split_checkpoint(str(tiny_checkpoint["dir"]), str(tmp_path / "shards"), 2)
+    assert [os.path.basename(f) for f in shard_files(str(tmp_path / "shards"))] == [
+        "model_state.tp00.pdparams", "model_state.tp01.pdparams"]
+    qkv = paddle.load(str(tmp_path / "shards" / "model_state.tp00.pdparams"), return_numpy=True)[
+        "glm.transformer.layers.0.attention.query_key_value.weight"]
+    assert qkv.shape == (32, 48)  # half of [32, 96]
+    merge_shards(str(tmp_path / "shards"), str(tmp_path / "merged"))
+    original = paddle.load(str(tiny_checkpoint["dir"] / "model_state.pdparams"), return_numpy=True)
+    merged = paddle.load(str(tmp_path / "merged" / "model_state.pdparams"), return_numpy=True)
+    assert set(original) == set(merged) and all(np.array_equal(original[k], merged[k]) for k in original)
+    assert json.load(open(tmp_path / "merged" / "config.json"))["tensor_parallel_degree"] == 1
+    # The sharded checkpoint run on two ranks gives the one-process logits.
+    shutil.copy(tiny_checkpoint["dir"] / "inputs.npz", tmp_path / "shards" / "inputs.npz")
+    launch(tmp_path, "tests/tp_worker.py", tmp_path / "shards", tmp_path)
+    assert np.abs(np.load(tmp_path / "rank0.npz")["logits"] - tiny_checkpoint["logits"]).max() <= 1e-5
+
+
+def test_merge_refuses_a_missing_shard(tiny_checkpoint, tmp_path):
+    split_checkpoint(str(tiny_checkpoint["dir"]), str(tmp_path / "shards"), 2)
+    os.remove(tmp_path / "shards" / "model_state.tp00.pdparams")
+    with pytest.raises(ValueError, match="a shard is missing"):
+        merge_shards(str(tmp_path / "shards"), str(tmp_path / "merged"))
+
+
+@pytest.fixture(scope="module")
+def no_dropout_base(demo_base, tmp_path_factory):
+    """The demo's tiny GLM without dropout, so that runs on different process counts are comparable."""
+    target = tmp_path_factory.mktemp("nodrop") / "base"
+    shutil.copytree(demo_base["model"], target)
+    config = json.load(open(target / "config.json"))
+    config.update(embedding_dropout_prob=0.0, attention_dropout_prob=0.0, output_dropout_prob=0.0)
+    json.dump(config, open(target / "config.json", "w"))
+    return {**demo_base, "model": str(target)}
+
+
+def _flags(base, output_dir, **extra):
+    flags = dict(model_name_or_path=base["model"], train_file=base["qg"]["train"], dev_file=base["qg"]["dev"],
+                 output_dir=output_dir, src_length=48, tgt_length=12, min_tgt_length=0, num_beams=2, max_steps=20,
+                 per_device_train_batch_size=4, learning_rate=1e-3, do_train=True, do_eval=True, eval_steps=1000,
+                 save_strategy="no", report_to="none", device="cpu", max_eval_samples=3, logging_steps=1, seed=7,
+                 disable_tqdm=True, max_train_samples=40)
+    flags.update(extra)
+    return [part for key, value in flags.items() for part in (f"--{key}", str(value))]
+
+
+def _losses(output_dir):
+    history = json.load(open(os.path.join(output_dir, "trainer_state.json")))["log_history"]
+    return [entry["loss"] for entry in history if "loss" in entry]
+
+
+def test_finetune_tensor_parallel_losses_equal_one_process(no_dropout_base, tmp_path):
+    from paddle_glm.finetune import main
+
+    main(_flags(no_dropout_base, tmp_path / "tp1"))
+    launch(tmp_path, "finetune_generation.py", *_flags(no_dropout_base, tmp_path / "tp2", tensor_parallel_degree=2))
+    one, two = _losses(tmp_path / "tp1"), _losses(tmp_path / "tp2")
+    assert len(one) == len(two) == 20
+    assert max(abs(a - b) / abs(a) for a, b in zip(one, two)) <= 1e-4
+    assert len(shard_files(str(tmp_path / "tp2"))) == 2
+    # the shards merge into a checkpoint close to the one-process result
+    merge_shards(str(tmp_path / "tp2"), str(tmp_path / "merged"))
+    merged = paddle.load(str(tmp_path / "merged" / "model_state.pdparams"), return_numpy=True)
+    reference = paddle.load(str(tmp_path / "tp1" / "model_state.pdparams"), return_numpy=True)
+    assert max(np.abs(merged[k] - reference[k]).max() for k in reference) <= 1e-3
+
+
+def test_predict_under_tensor_parallel_equals_one_process(no_dropout_base, tmp_path):
+    from paddle_glm.predict import main
+
+    texts = ["答案：巴黎，上下文：巴黎是法国的首都", "答案：长江"]
+    flags = ["--model_name_or_path", no_dropout_base["model"], "--tgt_length", "6", "--min_tgt_length", "4",
+             "--num_beams", "3", "--text", *texts[:1], "--text", texts[1]]
+    main(flags + ["--output_file", str(tmp_path / "one.json")])
+    launch(tmp_path, "predict_generation.py", *flags, "--output_file", tmp_path / "two.json",
+           "--merge_tensor_parallel_path", tmp_path / "merged")
+    one = [json.loads(line) for line in open(tmp_path / "one.json", encoding="utf-8")]
+    two = [json.loads(line) for line in open(tmp_path / "two.json", encoding="utf-8")]
+    assert one == two and all(record["prediction"] for record in one)
+    base = paddle.load(os.path.join(no_dropout_base["model"], "model_state.pdparams"), return_numpy=True)
+    merged = paddle.load(str(tmp_path / "merged" / "model_state.pdparams"), return_numpy=True)
+    assert all(np.array_equal(base[k], merged[k]) for k in base)
