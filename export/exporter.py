@@ -166,6 +166,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     problems = []
     if args.dtype not in ("float32", "float16", "bfloat16"):
         problems.append(f"--dtype {args.dtype}: use float32, float16 or bfloat16")
+    if args.dtype == "float16" and not paddle.is_compiled_with_cuda():
+        problems.append("--dtype float16 needs a GPU build of Paddle to trace (CPU has no float16 kernels): "
+                        "export on a GPU machine, or use bfloat16")
     if src_length < 4 or src_length + args.tgt_length > model.config.max_sequence_length:
         problems.append(f"--src_length {src_length} + --tgt_length {args.tgt_length} must fit the model's "
                         f"{model.config.max_sequence_length} positions")

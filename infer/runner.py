@@ -91,8 +91,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise SystemExit(f"{DEMO_EXPORT} does not exist yet: run `python finetune_generation.py` and "
                          "`python export_generation_model.py` first")
     check([f"--backend {args.backend}: choose one of {', '.join(BACKENDS)}"] if args.backend not in BACKENDS else [])
+    export = read_export_config(args.model_path)
+    check([f"{args.model_path} was exported in {export['dtype']}, which serves on GPU (--device gpu); on CPU "
+           "serve a float32 export"] if args.device == "cpu" and export["dtype"] != "float32" else [])
     runner = GLMRunner(args.model_path, args.backend, args.device, args.cpu_threads, args.model_prefix)
-    export = runner.config
     io.src_length = io.src_length or export["src_length"]
     check([f"--{name} {getattr(io, name)} exceeds the export's {export[name]}: export again with a larger one"
            for name in ("src_length", "tgt_length") if getattr(io, name) > export[name]])

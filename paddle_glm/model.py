@@ -17,6 +17,8 @@ Attention mask conventions (all masks are 0/1, 1 = may attend):
 from __future__ import annotations
 
 import math
+import os
+import pickle
 from typing import List, Optional, Tuple
 
 import paddle
@@ -214,6 +216,21 @@ def _hidden_only(layer: GLMBlock, hidden_states: Tensor, mask_bias: Tensor) -> T
     return layer(hidden_states, mask_bias)[0]
 
 
+def _check_weight_files(directory: str, degree: int) -> None:
+    """A clear error before PaddleNLP's: which weight files a directory lacks, and what to do."""
+    names = os.listdir(directory)
+    shards = sorted(n for n in names if n.startswith("model_state.tp") and n.endswith(".pdparams"))
+    whole = [n for n in names if n in ("model_state.pdparams", "model.safetensors", "model_state.safetensors")
+             or n.endswith(".index.json")]
+    if degree <= 1 and not whole:
+        hint = (f"it holds {len(shards)} tensor-parallel shards: load them with --tensor_parallel_degree {len(shards)} "
+                f"or merge them first (python -m paddle_glm.checkpoint merge)") if shards else "it holds no weights"
+        raise FileNotFoundError(f"{directory}: no model_state.pdparams or model.safetensors; {hint}")
+    if degree > 1 and not whole and len(shards) != degree:
+        raise ValueError(f"{directory}: {len(shards)} tensor-parallel shards but --tensor_parallel_degree {degree}; "
+                         "use the same degree or merge/split them (python -m paddle_glm.checkpoint)")
+
+
 class GLMPretrainedModel(PretrainedModel):
     """Loading, saving and initialisation shared with PaddleNLP's GLM (same files, names and splits)."""
 
@@ -226,6 +243,38 @@ class GLMPretrainedModel(PretrainedModel):
     _get_tensor_parallel_mappings = _PaddleNLPGLMPretrainedModel._get_tensor_parallel_mappings
     _get_name_mappings = _PaddleNLPGLMPretrainedModel._get_name_mappings
     _init_weights = _PaddleNLPGLMPretrainedModel._init_weights
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """PaddleNLP's loader, made strict: a missing, unreadable or partial checkpoint is an error.
+
+        PaddleNLP only warns when tensors are missing and leaves them randomly initialised.
+        """
+        path = str(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            _check_weight_files(path, int(kwargs.get("tensor_parallel_degree", 1) or 1))
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except (EOFError, pickle.UnpicklingError, OSError) as error:
+            if not os.path.isdir(path):
+                raise
+            raise ValueError(f"{path}: the weights cannot be read (truncated or corrupted file?): {error}") from None
+        except RuntimeError as error:  # PaddleNLP's shape mismatches: name the checkpoint too
+            if "loading state_dict" not in str(error):
+                raise
+            raise ValueError(f"{path}: {error}") from None
+
+    @classmethod
+    def _load_pretrained_model(cls, model, *args, **kwargs):
+        loaded = super()._load_pretrained_model(model, *args, **kwargs)
+        _, missing, unexpected, mismatched = loaded
+        problems = [f"{len(missing)} tensors missing (e.g. {sorted(missing)[:3]})"] if missing else []
+        problems += [f"{len(unexpected)} unexpected tensors (e.g. {sorted(unexpected)[:3]})"] if unexpected else []
+        problems += [f"{key}: checkpoint {a} vs model {b}" for key, a, b in mismatched[:3]]
+        if problems:
+            source = kwargs.get("pretrained_model_name_or_path", args[3] if len(args) > 3 else "the checkpoint")
+            raise ValueError(f"{source} does not fit {cls.__name__} with this config: " + "; ".join(problems))
+        return loaded
 
 
 @register_base_model

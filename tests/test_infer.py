@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from export.exporter import main as export_main
 from infer.runner import GLMRunner, main as infer_main
 from paddle_glm.decoding import DecodingConfig
 from paddle_glm.generation import generate
@@ -97,3 +98,14 @@ def test_runner_refuses_sources_longer_than_the_export(exported):
         infer_main(["--model_path", exported["dir"], "--text", "x", "--tgt_length", "13"])
     with pytest.raises(FileNotFoundError, match="export_config.json not found"):
         GLMRunner(os.path.dirname(exported["dir"]))
+
+
+def test_bfloat16_export_writes_half_size_weights_and_cpu_serving_refuses_it(demo_base, tmp_path):
+    export_dir = tmp_path / "bf16"
+    export_main(["--model_name_or_path", demo_base["model"], "--output_path", str(export_dir), "--dtype", "bfloat16",
+                 "--tgt_length", "8"])
+    assert json.load(open(export_dir / "export_config.json"))["dtype"] == "bfloat16"
+    fp32_size = os.path.getsize(os.path.join(demo_base["root"], "base", "model_state.pdparams"))
+    assert os.path.getsize(export_dir / "decode.pdiparams") < 0.6 * fp32_size
+    with pytest.raises(ValueError, match="exported in bfloat16, which serves on GPU"):
+        infer_main(["--model_path", str(export_dir), "--text", "x"])

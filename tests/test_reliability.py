@@ -443,3 +443,55 @@ def test_training_killed_with_sigkill_and_resumed_ends_as_if_uninterrupted(demo_
     assert resumed.wait(timeout=240) == 0, open(f"{killed}.log").read()[-3000:]
     _assert_same_training(straight, killed)
     assert sorted(_losses(killed)) == list(range(1, 17))
+
+
+# ---------------------------------------------------------------- checkpoints that do not fit
+
+
+def _broken_checkpoints(root):
+    """name -> (directory, tensor_parallel_degree) of a tiny checkpoint broken one way each."""
+    import json
+    import shutil
+
+    from conftest import tiny_config
+    from paddle_glm.checkpoint import split_checkpoint
+    from paddle_glm.model import GLMForConditionalGeneration
+
+    paddle.seed(0)
+    good = root / "good"
+    GLMForConditionalGeneration(tiny_config()).save_pretrained(str(good))
+    weights = good / "model_state.pdparams"
+    cases = {}
+    for name in ("missing", "truncated", "shape", "empty"):
+        shutil.copytree(good, root / name)
+        cases[name] = (root / name, 1)
+    state = paddle.load(str(weights))
+    state.pop("glm.transformer.final_layernorm.bias")
+    paddle.save(state, str(root / "missing" / "model_state.pdparams"))
+    data = weights.read_bytes()
+    (root / "truncated" / "model_state.pdparams").write_bytes(data[: len(data) // 2])
+    config = json.loads((good / "config.json").read_text())
+    config["vocab_size"] = 128
+    (root / "shape" / "config.json").write_text(json.dumps(config))
+    os.remove(root / "empty" / "model_state.pdparams")
+    split_checkpoint(str(good), str(root / "shards"), 2)
+    cases["shards_as_one"] = (root / "shards", 1)
+    cases["shards_wrong_degree"] = (root / "shards", 4)
+    return cases
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", r"1 tensors missing \(e.g. \['glm.transformer.final_layernorm.bias'\]\)"),
+    ("truncated", "can not parse the file|cannot be read"),
+    ("shape", r"glm.word_embeddings.weight receives a shape \[96, 32\], but the expected shape is \[128, 32\]"),
+    ("empty", "no model_state.pdparams or model.safetensors; it holds no weights"),
+    ("shards_as_one", r"2 tensor-parallel shards: load them with --tensor_parallel_degree 2 or merge them first"),
+    ("shards_wrong_degree", r"2 tensor-parallel shards but --tensor_parallel_degree 4"),
+])
+def test_checkpoint_that_does_not_fit_is_refused_never_partly_loaded(tmp_path, case, message):
+    from paddle_glm.model import GLMForConditionalGeneration
+
+    directory, degree = _broken_checkpoints(tmp_path)[case]
+    kwargs = {"tensor_parallel_degree": degree} if degree > 1 else {}
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        GLMForConditionalGeneration.from_pretrained(str(directory), **kwargs)
