@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# PyTorch only for the converter and its tests (`pip install .[convert]`); the demo does not need it.
+CONVERT_STAMP := $(VENV)/.installed-convert
 # FastDeploy 1.0.7 has wheels for Python <= 3.10 only: its test runs in a second environment.
 FD_PYTHON ?= $(shell for p in $(HOME)/.pyenv/versions/3.10*/bin/python3 $$(command -v python3.10); do \
 	"$$p" -c "" 2>/dev/null && echo "$$p" && break; done)
@@ -16,6 +18,10 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+$(CONVERT_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,convert]"
+	touch $(CONVERT_STAMP)
 
 $(FD_STAMP):
 	@if [ -n "$(FD_PYTHON)" ]; then \
@@ -33,7 +39,7 @@ demo: $(STAMP)
 	$(BIN)/python infer_generation.py
 	$(BIN)/python infer_generation.py --backend onnxruntime
 
-test: $(STAMP) $(FD_STAMP)
+test: $(CONVERT_STAMP) $(FD_STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import re
 from typing import List, Optional, Tuple
 
 import paddle
@@ -216,10 +217,13 @@ def _hidden_only(layer: GLMBlock, hidden_states: Tensor, mask_bias: Tensor) -> T
     return layer(hidden_states, mask_bias)[0]
 
 
+_TP_SHARD = re.compile(r"^model(_state)?\.tp\d\d\.(pdparams|safetensors)$")  # PaddleNLP's shard names
+
+
 def _check_weight_files(directory: str, degree: int) -> None:
     """A clear error before PaddleNLP's: which weight files a directory lacks, and what to do."""
     names = os.listdir(directory)
-    shards = sorted(n for n in names if n.startswith("model_state.tp") and n.endswith(".pdparams"))
+    shards = sorted(n for n in names if _TP_SHARD.match(n))
     whole = [n for n in names if n in ("model_state.pdparams", "model.safetensors", "model_state.safetensors")
              or n.endswith(".index.json")]
     if degree <= 1 and not whole:
