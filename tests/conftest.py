@@ -1,6 +1,7 @@
 """Shared fixtures: tiny GLM configs and twin models (ours and PaddleNLP's) with the same weights."""
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -88,3 +89,14 @@ def exported(demo_base, tmp_path_factory):
     export_main(["--model_name_or_path", demo_base["model"], "--lora_path", str(root / "adapter"),
                  "--output_path", str(root / "export"), "--tgt_length", "12", "--onnx"])
     return {"dir": str(root / "export"), "adapter": str(root / "adapter"), "base": demo_base["model"]}
+
+
+@pytest.fixture
+def paddlenlp_log(caplog):
+    """PaddleNLP's logger does not propagate to the root logger: hook caplog onto it directly."""
+    from paddlenlp.utils.log import logger as paddlenlp_logger
+
+    paddlenlp_logger.logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO)
+    yield caplog
+    paddlenlp_logger.logger.removeHandler(caplog.handler)

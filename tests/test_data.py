@@ -5,7 +5,6 @@ import json
 import logging
 
 import pytest
-from paddlenlp.utils.log import logger as paddlenlp_logger
 
 from paddle_glm.data import DataError, read_json_lines, read_pairs, tokenize_pairs
 from tasks import belle, dureader_qg
@@ -116,20 +115,11 @@ def test_read_pairs_limit_stops_reading_early(tmp_path):
 # --- tokenize_pairs (real GLM Chinese tokenizer) ----------------------------------------------
 
 
-@pytest.fixture
-def warnings_log(caplog):
-    """PaddleNLP's logger does not propagate to the root logger: hook caplog onto it directly."""
-    paddlenlp_logger.logger.addHandler(caplog.handler)
-    caplog.set_level(logging.WARNING)
-    yield caplog
-    paddlenlp_logger.logger.removeHandler(caplog.handler)
-
-
 def encode(tokenizer, text):
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def test_tokenize_pairs_keeps_texts_and_examples_in_order(cog_tokenizer, warnings_log):
+def test_tokenize_pairs_keeps_texts_and_examples_in_order(cog_tokenizer, paddlenlp_log):
     pairs = [("答案：北京，上下文：北京是中国的首都。", "中国的首都是哪里？"), ("写一首诗", "床前明月光"), ("你好", "你好！")]
     data = tokenize_pairs(pairs, cog_tokenizer, src_length=64, tgt_length=32)
     assert len(data) == len(data.features) == len(data.prompts) == len(data.sources) == len(data.targets) == 3
@@ -141,10 +131,10 @@ def test_tokenize_pairs_keeps_texts_and_examples_in_order(cog_tokenizer, warning
         assert list(feature["input_ids"][1:sep - 2]) == source_ids
         assert list(feature["input_ids"][sep + 1:]) == target_ids
         assert list(prompt["input_ids"]) == list(feature["input_ids"][:sep + 1])
-    assert not [r for r in warnings_log.records if "truncated" in r.getMessage()]
+    assert not [r for r in paddlenlp_log.records if "truncated" in r.getMessage()]
 
 
-def test_tokenize_pairs_truncates_source_end_keeping_answer(cog_tokenizer, warnings_log):
+def test_tokenize_pairs_truncates_source_end_keeping_answer(cog_tokenizer, paddlenlp_log):
     source = "答案：北京，上下文：" + "北京是中国的首都，有很多名胜古迹。" * 40 + "结尾标记"
     full_ids = encode(cog_tokenizer, source)
     assert len(full_ids) > 64
@@ -160,7 +150,7 @@ def test_tokenize_pairs_truncates_source_end_keeping_answer(cog_tokenizer, warni
     text = cog_tokenizer.decode(kept)
     assert text.startswith("答案:北京,上下文:") and "结尾标记" not in text
     assert data.sources == [source]  # the untruncated text is kept for predictions files
-    messages = [r.getMessage() for r in warnings_log.records if r.levelno == logging.WARNING]
+    messages = [r.getMessage() for r in paddlenlp_log.records if r.levelno == logging.WARNING]
     assert any("truncated 1 of 1 sources to --src_length 64" in m and "0 targets" in m for m in messages)
 
 
@@ -171,7 +161,7 @@ def test_tokenize_pairs_left_truncation_keeps_source_end(cog_tokenizer):
     assert list(data.features[0]["input_ids"][1:30]) == full_ids[-29:]
 
 
-def test_tokenize_pairs_truncates_target_to_tgt_length(cog_tokenizer, warnings_log):
+def test_tokenize_pairs_truncates_target_to_tgt_length(cog_tokenizer, paddlenlp_log):
     target = "北京是中国的首都，有很多名胜古迹。" * 10
     target_ids = encode(cog_tokenizer, target)
     assert len(target_ids) > 16
@@ -183,7 +173,7 @@ def test_tokenize_pairs_truncates_target_to_tgt_length(cog_tokenizer, warnings_l
     assert len(feature["input_ids"]) == sep + 16 and list(feature["loss_mask"][sep:]) == [1.0] * 16
     assert data.targets == [target]
     assert data.references == ["北京是中国的首都,有很多名胜古迹。北京是中国的首都,有很多"]  # 15 ids, "，" -> ","
-    messages = [r.getMessage() for r in warnings_log.records]
+    messages = [r.getMessage() for r in paddlenlp_log.records]
     assert any("0 of 1 sources" in m and "1 targets to --tgt_length 16" in m for m in messages)
 
 

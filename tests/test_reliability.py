@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import shutil
@@ -23,7 +22,6 @@ import paddle
 import pytest
 from paddlenlp.peft import LoRAConfig, LoRAModel
 from paddlenlp.trainer import get_last_checkpoint
-from paddlenlp.utils.log import logger as paddlenlp_logger
 
 import paddle_glm.data as data_module
 from paddle_glm.data import DataError, read_json_lines, read_pairs, summarize_skipped, tokenize_pairs
@@ -68,15 +66,6 @@ def flags(base, output_dir, **overrides):
         if value is not None:
             argv += [f"--{key}", str(value)]
     return argv
-
-
-@pytest.fixture
-def log(caplog):
-    """PaddleNLP's logger does not propagate to the root logger: hook caplog onto it."""
-    paddlenlp_logger.logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO)
-    yield caplog
-    paddlenlp_logger.logger.removeHandler(caplog.handler)
 
 
 def messages(caplog) -> str:
@@ -145,7 +134,7 @@ def test_skip_mode_counts_and_lists_what_it_skips(tmp_path):
         read_pairs(write(tmp_path, "x\n", record(answer=3), name="bad.json"), dureader_qg.to_pairs, skipped=[])
 
 
-def test_skip_invalid_examples_flag_logs_the_count_and_writes_the_list(demo_base, tmp_path, log):
+def test_skip_invalid_examples_flag_logs_the_count_and_writes_the_list(demo_base, tmp_path, paddlenlp_log):
     good = open(demo_base["qg"]["train"], encoding="utf-8").read().splitlines(keepends=True)[:8]
     train = write(tmp_path, *good[:3], "{oops\n", *good[3:6], record(question=7), *good[6:], name="train.json")
     finetune_main(flags(demo_base, tmp_path / "out", train_file=train, skip_invalid_examples=True))
@@ -154,20 +143,20 @@ def test_skip_invalid_examples_flag_logs_the_count_and_writes_the_list(demo_base
         {"file": train, "line": 4, "reason": "invalid JSON (Expecting property name enclosed in double quotes at column 2)"},
         {"file": train, "line": 8, "reason": "field 'question' must be a string, got int"},
     ]
-    assert "train: skipped 2 invalid lines of" in messages(log)
-    assert "1 invalid JSON, 1 field 'question' must be a string, got int" in messages(log)
-    assert "train: 8 examples" in messages(log)
+    assert "train: skipped 2 invalid lines of" in messages(paddlenlp_log)
+    assert "1 invalid JSON, 1 field 'question' must be a string, got int" in messages(paddlenlp_log)
+    assert "train: 8 examples" in messages(paddlenlp_log)
     with pytest.raises(DataError, match="train.json:4: invalid JSON"):  # without the flag: stop at the first
         finetune_main(flags(demo_base, tmp_path / "out2", train_file=train))
 
 
-def test_over_long_sources_and_targets_are_truncated_with_a_count(demo_base, log):
+def test_over_long_sources_and_targets_are_truncated_with_a_count(demo_base, paddlenlp_log):
     tokenizer = load_tokenizer(demo_base["model"])
     pairs = [("答案：北京，上下文：" + "北京是中国的首都。" * 30, "中国的首都是哪里？" * 5), ("答案：北京", "哪里？")]
     data = tokenize_pairs(pairs, tokenizer, src_length=16, tgt_length=6)
     assert int(data[0]["attention_mask"]) == 16 and len(data[0]["input_ids"]) == 16 + 6
     assert "truncated 1 of 2 sources to --src_length 16 (their right end dropped) and 1 targets to --tgt_length 6" \
-        in messages(log)
+        in messages(paddlenlp_log)
 
 
 # ------------------------------------------------------------------------------------- impossible flags
@@ -320,7 +309,7 @@ def _read(path):
     return [json.loads(line) for line in open(path, encoding="utf-8")]
 
 
-def test_batch_prediction_keeps_every_good_output_when_lines_are_bad(demo_base, tmp_path, log):
+def test_batch_prediction_keeps_every_good_output_when_lines_are_bad(demo_base, tmp_path, paddlenlp_log):
     path = _input_file(tmp_path)
     common = ["--model_name_or_path", demo_base["model"], "--tgt_length", "6", "--num_beams", "2",
               "--src_length", "48", "--batch_size", "2"]
@@ -331,7 +320,7 @@ def test_batch_prediction_keeps_every_good_output_when_lines_are_bad(demo_base, 
     assert not any("prediction" in r for r in out if "error" in r)
     predict_main(common + [a for t in TEXTS for a in ("--text", t)] + ["--output_file", str(tmp_path / "t.json")])
     assert [r["prediction"] for r in out if "prediction" in r] == [r["prediction"] for r in _read(tmp_path / "t.json")]
-    logged = messages(log)
+    logged = messages(paddlenlp_log)
     assert "5 of 8 inputs not predicted: their output records carry 'error'" in logged
     assert f"not predicted: {path}:2: invalid JSON" in logged
     assert "truncated 1 of 3 sources to --src_length 48 tokens (their end dropped)" in logged
