@@ -66,18 +66,22 @@ BATCH = {"large": 2, "tiny": 16}
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="large,tiny",
-                        help="comma-separated: large (glm-large-chinese geometry, --layers deep), tiny (the demo model)")
+                        help="comma-separated: large (glm-large-chinese geometry, --layers deep), "
+                             "tiny (the demo model)")
     parser.add_argument("--mixes", default="reference,short",
                         help=f"comma-separated data mixes: {', '.join(MIXES)} (short-fit: the reference padded "
                              "only to 200 + 40, budgets fitted to the short data)")
-    parser.add_argument("--layers", type=int, default=2, help="transformer layers of the large model (glm-large-chinese: 24)")
+    parser.add_argument("--layers", type=int, default=2,
+                        help="transformer layers of the large model (glm-large-chinese: 24)")
     parser.add_argument("--src_length", type=int, default=608, help="reference source budget (its --src_length)")
     parser.add_argument("--tgt_length", type=int, default=160, help="reference target budget (its --tgt_length)")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="per-step batch for every model (default: 2 for large, as the example; 16 for tiny)")
     parser.add_argument("--label_smoothing", type=float, default=0.0,
                         help="label smoothing of both losses; PaddleNLP's smoothed loss only broadcasts at batch 1, "
-                             "so values > 0 need --batch_size 1 (the example's 0.1 cannot run at its batch 2)")
+                             "so values > 0 need --batch_size 1 (the example's 0.1 cannot run at its batch 2); "
+                             "slow: PaddleNLP's then calls Paddle's CPU log_softmax on [768, 50048] logits, "
+                             "minutes per step")
     parser.add_argument("--warmup_steps", type=int, default=1, help="untimed steps at the start of every round")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round (one epoch of distinct batches)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds per path; the best round counts")
@@ -135,7 +139,8 @@ def synthetic_pairs(case: Case, count: int, text_vocab: int, seed: int) -> List[
     for _ in range(count):
         source = int(rng.integers(mix["source"][0], min(mix["source"][1], case.src_length) + 1))
         target = int(rng.integers(mix["target"][0], min(mix["target"][1], case.tgt_length - 2) + 1))
-        pairs.append((rng.integers(100, text_vocab, source - 3).tolist(), rng.integers(100, text_vocab, target).tolist()))
+        text, target_ids = rng.integers(100, text_vocab, source - 3), rng.integers(100, text_vocab, target)
+        pairs.append((text.tolist(), target_ids.tolist()))
     return pairs
 
 
@@ -261,6 +266,7 @@ def timed_round(make_trainer, steps: int, warmup: int) -> Tuple[float, float]:
 
 
 def trainer_factories(case: Case, ours, reference, our_data, reference_data, args, output_dir: str):
+    """Two functions max_steps -> a fresh trainer: ours (GLMTrainer) and the reference (PaddleNLP's Trainer)."""
     pad = special_ids(MODELS[case.model]["text_vocab"]).pad
 
     def our_trainer(max_steps: int):
@@ -269,7 +275,8 @@ def trainer_factories(case: Case, ours, reference, our_data, reference_data, arg
                           label_smoothing=args.label_smoothing)
 
     def reference_trainer(max_steps: int):
-        return ReferenceTrainer(model=reference, args=training_arguments(output_dir, case.batch, max_steps, args.seed),
+        return ReferenceTrainer(model=reference,
+                                args=training_arguments(output_dir, case.batch, max_steps, args.seed),
                                 train_dataset=reference_data, data_collator=DefaultDataCollator())
 
     return our_trainer, reference_trainer
@@ -362,7 +369,8 @@ def print_profile(events: List[dict], steps: int, top: int) -> None:
             kernels.setdefault(name, []).append(event)
     step = phase("ProfileStep")
     # Forward events nest (model, stack, block, ...): the outermost one is the model's.
-    print(f"\nour path profiled over {steps} steps: {step:.0f} ms/step; forward {phase('Forward', 'ForConditional'):.0f}, "
+    forward = phase("Forward", "ForConditional")
+    print(f"\nour path profiled over {steps} steps: {step:.0f} ms/step; forward {forward:.0f}, "
           f"backward {phase('Backward'):.0f}, optimizer {phase('Optimization'):.0f}, data {phase('Dataloader'):.0f}; "
           f"all kernels {sum(per_step(k) for k in kernels.values()):.0f}")
     print("| kernel | calls/step | ms/step | % of step |\n|---|---|---|---|")
@@ -431,15 +439,17 @@ def run_case(case: Case, args) -> dict:
 def print_case(result: dict, tolerance: float) -> None:
     case, (ours, reference, relative) = result["case"], result["loss"]
     verdict = "OK" if relative <= tolerance else "MISMATCH"
-    print(f"\n{case.name}: first-batch loss ours {ours:.6f} PaddleNLP {reference:.6f} (rel. diff {relative:.1e}, {verdict})")
+    print(f"\n{case.name}: first-batch loss ours {ours:.6f} PaddleNLP {reference:.6f} "
+          f"(rel. diff {relative:.1e}, {verdict})")
     flops = result["flops"]
     print(f"  GFLOP/step: useful {flops['useful'] / 1e9:.1f}, ours {flops['ours'] / 1e9:.1f}, "
           f"PaddleNLP {flops['reference'] / 1e9:.1f} (PaddleNLP / ours = {flops['reference'] / flops['ours']:.2f}x: "
           f"the speed-up at equal FLOP/s)")
     for path in ("reference", "ours"):
         r = result[path]
-        print(f"  {path:<9} {r['step_s']:.3f} s/step, {r['tokens_s']:.1f} target tokens/s, {r['samples_s']:.2f} samples/s,"
-              f" {r['useful_flops_s'] / 1e9:.1f} useful / {r['executed_flops_s'] / 1e9:.1f} executed GFLOP/s; s/step per round "
+        print(f"  {path:<9} {r['step_s']:.3f} s/step, {r['tokens_s']:.1f} target tokens/s, "
+              f"{r['samples_s']:.2f} samples/s, {r['useful_flops_s'] / 1e9:.1f} useful / "
+              f"{r['executed_flops_s'] / 1e9:.1f} executed GFLOP/s; s/step per round "
               f"{', '.join(f'{s:.2f}' for s in r['rounds'])}, warm-up {', '.join(f'{s:.2f}' for s in r['warmup'])}")
     sys.stdout.flush()
 
