@@ -20,7 +20,7 @@ from .args import FLAG_ALIASES, DataArguments, GenerationArguments, InputError, 
 from .data import read_pairs, summarize_skipped, tokenize_pairs, write_json_lines
 from .demo import prepare_demo
 from .inputs import GLMCollator
-from .lora import add_lora, merged_state_dict
+from .lora import add_lora, merged_model
 from .model import GLMConfig, GLMForConditionalGeneration
 from .tokenizer import load_tokenizer
 from .trainer import GLMTrainer
@@ -186,9 +186,7 @@ def run(trainer: GLMTrainer, model_args: ModelArguments, datasets: dict, trainin
 def save_merged(trainer: GLMTrainer, output_dir: str) -> None:
     """Write the base model with the adapter folded in (loads without LoRA) to OUTPUT_DIR/merged."""
     merged_dir = os.path.join(output_dir, "merged")
-    lora_model = trainer.model
-    base = GLMForConditionalGeneration(lora_model.model.config)
-    base.set_state_dict(merged_state_dict(lora_model))
+    base = merged_model(trainer.model)
     if trainer.is_world_process_zero():
         base.save_pretrained(merged_dir)
         trainer.tokenizer.save_pretrained(merged_dir)

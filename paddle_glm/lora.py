@@ -12,7 +12,7 @@ from paddlenlp.peft import LoRAConfig, LoRAModel
 
 from .args import InputError
 
-__all__ = ["add_lora", "merged_state_dict", "load_with_adapter", "load_adapter", "check_adapter"]
+__all__ = ["add_lora", "merged_state_dict", "merged_model", "load_with_adapter", "load_adapter", "check_adapter"]
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "lora_config.json", "lora_model_state.pdparams"
 
@@ -55,10 +55,15 @@ def load_with_adapter(model_name_or_path: str, lora_path: Optional[str] = None) 
     from .model import GLMForConditionalGeneration
 
     model = GLMForConditionalGeneration.from_pretrained(model_name_or_path)
-    if lora_path:
-        lora_model = load_adapter(model, lora_path)
-        model = GLMForConditionalGeneration(lora_model.model.config)
-        model.set_state_dict(merged_state_dict(lora_model))
+    return merged_model(load_adapter(model, lora_path)) if lora_path else model
+
+
+def merged_model(lora_model: LoRAModel) -> paddle.nn.Layer:
+    """A plain `GLMForConditionalGeneration` holding the base weights with the adapter folded in."""
+    from .model import GLMForConditionalGeneration
+
+    model = GLMForConditionalGeneration(lora_model.model.config)
+    model.set_state_dict(merged_state_dict(lora_model))
     return model
 
 
