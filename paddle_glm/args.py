@@ -88,6 +88,12 @@ class ModelArguments:
         default=False,
         metadata={"help": "With --lora: also write the base model with the adapter merged to OUTPUT_DIR/merged."},
     )
+    merge_tensor_parallel: bool = field(
+        default=False,
+        metadata={"help": "With --tensor_parallel_degree > 1: write the final model (or adapter, and OUTPUT_DIR/merged) "
+                          "as one whole checkpoint instead of one shard per rank (*.tpXX.pdparams). Checkpoints "
+                          "saved during training stay sharded, for --resume_from_checkpoint."},
+    )
     use_flash_attention: bool = field(
         default=False, metadata={"help": "Use fused scaled-dot-product attention (flash attention on GPU)."}
     )

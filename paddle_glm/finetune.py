@@ -170,12 +170,12 @@ def run(trainer: GLMTrainer, model_args: ModelArguments, datasets: dict, trainin
         if checkpoint is None and os.path.isdir(training_args.output_dir) and not training_args.overwrite_output_dir:
             checkpoint = get_last_checkpoint(training_args.output_dir)
         result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()
+        trainer.save_model(merge_tensor_parallel=model_args.merge_tensor_parallel)
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
         if model_args.merge_lora:
-            save_merged(trainer, training_args.output_dir)
+            save_merged(trainer, training_args.output_dir, model_args.merge_tensor_parallel)
     for split, prefix in (("dev", "eval"), ("test", "test")):
         if split in datasets:
             metrics = trainer.evaluate(datasets[split], metric_key_prefix=prefix)
@@ -183,11 +183,14 @@ def run(trainer: GLMTrainer, model_args: ModelArguments, datasets: dict, trainin
             trainer.save_metrics(prefix, metrics)
 
 
-def save_merged(trainer: GLMTrainer, output_dir: str) -> None:
-    """Write the base model with the adapter folded in (loads without LoRA) to OUTPUT_DIR/merged."""
+def save_merged(trainer: GLMTrainer, output_dir: str, merge_tensor_parallel: bool = False) -> None:
+    """Write the base model with the adapter folded in (loads without LoRA) to OUTPUT_DIR/merged: under tensor
+    parallelism one shard per rank, or one whole checkpoint with `merge_tensor_parallel`."""
     merged_dir = os.path.join(output_dir, "merged")
-    base = merged_model(trainer.model)
+    base = merged_model(trainer.model)  # this rank's shard: adapters fold into weight shards alike
+    if trainer.args.should_save_model_state:
+        base.save_pretrained(merged_dir, merge_tensor_parallel=merge_tensor_parallel,
+                             is_main_process=trainer.args.should_save)
     if trainer.is_world_process_zero():
-        base.save_pretrained(merged_dir)
         trainer.tokenizer.save_pretrained(merged_dir)
         logger.info(f"merged LoRA model written to {merged_dir}")

@@ -1,18 +1,119 @@
-"""LoRA adapters through `paddlenlp.peft`, configured from the command line (the reference hard-codes r=4)."""
+"""LoRA adapters through `paddlenlp.peft`, configured from the command line (the reference hard-codes r=4).
+
+With tensor parallelism the adapters of our column/row-parallel layers are laid out as PaddleNLP's
+(column: A [in, r] replicated, B [r, out/N] split; row: A [in/N, r] split, B [r, out] replicated) and saved
+whole or as `lora_model_state.tpXX.pdparams` shards, with one fix: the QKV adapter's B is split per head,
+as the QKV weight is (PaddleNLP splits it as a plain column, misaligned with the weight shard it adapts).
+"""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from functools import partial
 from typing import Dict, List, Optional
 
 import paddle
+import paddle.nn as nn
+from paddle import Tensor
 from paddlenlp.utils.log import logger
 from paddlenlp.peft import LoRAConfig, LoRAModel
+from paddlenlp.transformers.conversion_utils import split_or_merge_func
 
 from .args import InputError
+from .parallel import (
+    ColumnParallelLinear, RowParallelLinear, copy_to_model_parallel, reduce_from_model_parallel, tensor_parallel_degree,
+)
 
-__all__ = ["add_lora", "merged_state_dict", "merged_model", "load_with_adapter", "load_adapter", "check_adapter"]
+__all__ = [
+    "GLMLoRAModel", "add_lora", "merged_state_dict", "merged_model", "load_with_adapter", "load_adapter",
+    "check_adapter",
+]
+
+
+class _ParallelLoRA:
+    """Adapter parameters on a tensor-parallel linear layer that keeps the base layer's weight and bias."""
+
+    def _add_adapter(self, base: nn.Layer, config: LoRAConfig, a_shape: List[int], b_shape: List[int],
+                     split: str) -> None:
+        nn.Layer.__init__(self)
+        self.weight, self.bias = base.weight, base.bias
+        # PaddleNLP's LoRALinear initialisation, so that a tp=1 and a tp=N run start alike.
+        self.lora_A = self.create_parameter(a_shape, default_initializer=nn.initializer.KaimingUniform(
+            negative_slope=math.sqrt(5), nonlinearity="leaky_relu"))
+        self.lora_B = self.create_parameter(b_shape, default_initializer=nn.initializer.Constant(0.0))
+        getattr(self, split).is_distributed = True
+        self.scaling = config.lora_alpha / (math.sqrt(config.r) if config.rslora else config.r)
+        self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.merged = False
+
+
+class ColumnParallelLoRALinear(_ParallelLoRA, ColumnParallelLinear):
+    """x W + b + dropout(x) A B_rank * scaling; the replicated A gets the gradient summed over ranks."""
+
+    def __init__(self, base: ColumnParallelLinear, config: LoRAConfig):
+        in_features, out_per_rank = base.weight.shape
+        self._add_adapter(base, config, [in_features, config.r], [config.r, out_per_rank], split="lora_B")
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        down = copy_to_model_parallel(paddle.matmul(self.lora_dropout(hidden_states), self.lora_A))
+        return super().forward(hidden_states) + paddle.matmul(down, self.lora_B) * self.scaling
+
+
+class RowParallelLoRALinear(_ParallelLoRA, RowParallelLinear):
+    """sum_rank(x_rank W_rank) + b + sum_rank(dropout(x_rank) A_rank) B * scaling."""
+
+    def __init__(self, base: RowParallelLinear, config: LoRAConfig):
+        in_per_rank, out_features = base.weight.shape
+        self._add_adapter(base, config, [in_per_rank, config.r], [config.r, out_features], split="lora_A")
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        down = reduce_from_model_parallel(paddle.matmul(self.lora_dropout(hidden_states), self.lora_A))
+        return super().forward(hidden_states) + paddle.matmul(down, self.lora_B) * self.scaling
+
+
+# our parallel layer -> (its LoRA form, the adapter tensor split across ranks, PaddleNLP's is_column for it)
+_PARALLEL_LORA = {ColumnParallelLinear: (ColumnParallelLoRALinear, "lora_B", True),
+                  RowParallelLinear: (RowParallelLoRALinear, "lora_A", False)}
+
+
+class GLMLoRAModel(LoRAModel):
+    """`LoRAModel` that also adapts our tensor-parallel layers.
+
+    PaddleNLP's only knows fleet's parallel layers, whose LoRA forward calls `c_identity` (no CPU kernel)
+    and fails on ours; plain `nn.Linear` layers still go to PaddleNLP's `LoRALinear`.
+    """
+
+    def _find_and_replace_module(self, model, module_name, lora_config, enable_lora):
+        parent_name, _, attribute = module_name.rpartition(".")
+        parent = model.get_sublayer(parent_name) if parent_name else model
+        module = getattr(parent, attribute)
+        if type(module) not in _PARALLEL_LORA:
+            return super()._find_and_replace_module(model, module_name, lora_config, enable_lora)
+        if enable_lora is not None:
+            raise InputError("enable_lora_list (merged QKV adapters) is not supported with tensor parallelism")
+        lora_class, split, is_column = _PARALLEL_LORA[type(module)]
+        setattr(parent, attribute, lora_class(module, lora_config))
+        self.add_lora_split_mapping(f"{module_name}.{split}", is_column=is_column)
+
+    def _get_tensor_parallel_mappings(self, config, is_split=True):
+        mappings = super()._get_tensor_parallel_mappings(config, is_split)
+        fn = split_or_merge_func(is_split, config.tensor_parallel_degree, config.tensor_parallel_rank,
+                                 config.num_attention_heads)
+        for name in mappings:
+            if name.endswith("query_key_value.lora_B"):
+                mappings[name] = partial(fn, is_column=True, is_old_qkv=True)  # as the weight's rule
+        return mappings
+
+    def mark_only_lora_as_trainable(self) -> None:
+        super().mark_only_lora_as_trainable()
+        bias_trains = self.lora_config.trainable_bias in ("lora", "all")
+        for layer in self.model.sublayers():
+            if isinstance(layer, _ParallelLoRA):
+                layer.lora_A.stop_gradient = layer.lora_B.stop_gradient = False
+                if bias_trains and layer.bias is not None:
+                    layer.bias.stop_gradient = False
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "lora_config.json", "lora_model_state.pdparams"
 
@@ -27,7 +128,7 @@ def add_lora(model: paddle.nn.Layer, args) -> LoRAModel:
             lora_dropout=args.lora_dropout, merge_weights=False,
             tensor_parallel_degree=model.config.tensor_parallel_degree, dtype=model.config.dtype,
         )
-        lora_model = LoRAModel(model, config)
+        lora_model = GLMLoRAModel(model, config)
     lora_model.mark_only_lora_as_trainable()
     trainable = sum(int(p.numel()) for p in lora_model.parameters() if not p.stop_gradient)
     if trainable == 0:
@@ -50,11 +151,12 @@ def merged_state_dict(lora_model: LoRAModel) -> Dict[str, paddle.Tensor]:
     return state
 
 
-def load_with_adapter(model_name_or_path: str, lora_path: Optional[str] = None) -> paddle.nn.Layer:
-    """A plain `GLMForConditionalGeneration`, with the adapter at `lora_path` folded into its weights."""
+def load_with_adapter(model_name_or_path: str, lora_path: Optional[str] = None, **kwargs) -> paddle.nn.Layer:
+    """A plain `GLMForConditionalGeneration` (`kwargs` go to `from_pretrained`: a tensor-parallel rank's shard),
+    with the adapter at `lora_path` folded into its weights."""
     from .model import GLMForConditionalGeneration
 
-    model = GLMForConditionalGeneration.from_pretrained(model_name_or_path)
+    model = GLMForConditionalGeneration.from_pretrained(model_name_or_path, **kwargs)
     return merged_model(load_adapter(model, lora_path)) if lora_path else model
 
 
@@ -71,7 +173,7 @@ def load_adapter(model: paddle.nn.Layer, lora_path: str) -> LoRAModel:
     """`LoRAModel.from_pretrained`, after `check_adapter`: PaddleNLP would start from random adapters when the
     weights are missing and skip tensors whose shapes differ, with a log line at most."""
     check_adapter(model, lora_path)
-    return LoRAModel.from_pretrained(model, lora_path)
+    return GLMLoRAModel.from_pretrained(model, lora_path)
 
 
 def check_adapter(model: paddle.nn.Layer, lora_path: str) -> None:
@@ -94,17 +196,22 @@ def check_adapter(model: paddle.nn.Layer, lora_path: str) -> None:
     if not layers:
         raise InputError(f"{where}: its target_modules {patterns} match no linear layer of the model (names look "
                          "like glm.transformer.layers.0.attention.query_key_value): an adapter of another model?")
-    tensor_parallel = max(config.get("tensor_parallel_degree") or -1, model.config.tensor_parallel_degree or -1) > 1
+    adapter_degree, model_degree = config.get("tensor_parallel_degree") or 1, tensor_parallel_degree(model.config)
+    if adapter_degree > 1:
+        return _check_adapter_shards(where, lora_path, adapter_degree, model_degree)
     weights = os.path.join(lora_path, ADAPTER_WEIGHTS)
-    if tensor_parallel or not os.path.isfile(weights):
-        if not tensor_parallel and not os.path.isfile(os.path.join(lora_path, "peft_model.safetensors.index.json")):
+    if not os.path.isfile(weights):
+        if not os.path.isfile(os.path.join(lora_path, "peft_model.safetensors.index.json")):
             raise InputError(f"{where}: no {ADAPTER_WEIGHTS} (the adapter weights)")
-        return  # sharded adapters: PaddleNLP splits or checks them itself
+        return  # safetensors shards: PaddleNLP checks their keys itself
     state = paddle.load(weights, return_numpy=True)
     rank = config.get("r", LoRAConfig().r)
     problems: List[str] = []
     for name, layer in layers.items():
         fan_in, fan_out = (int(d) for d in layer.weight.shape)
+        # the adapter is whole; a tensor-parallel layer holds 1/N of its output (column) or input (row) features
+        fan_out *= model_degree if isinstance(layer, ColumnParallelLinear) else 1
+        fan_in *= model_degree if isinstance(layer, RowParallelLinear) else 1
         for part, shape in (("lora_A", [fan_in, rank]), ("lora_B", [rank, fan_out])):
             key = f"{name}.{part}"
             if key not in state:
@@ -116,3 +223,17 @@ def check_adapter(model: paddle.nn.Layer, lora_path: str) -> None:
     if problems:
         shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
         raise InputError(f"{where} does not fit the model (an adapter of another model?): {shown}")
+
+
+def _check_adapter_shards(where: str, lora_path: str, adapter_degree: int, model_degree: int) -> None:
+    """PaddleNLP raises a bare NotImplementedError on another degree, and starts from random adapters when
+    this rank's shard is missing."""
+    if adapter_degree != model_degree:
+        raise InputError(
+            f"{where} holds an adapter split for {adapter_degree} tensor-parallel ranks but the model runs on "
+            f"{model_degree}: run on {adapter_degree} ranks, or save it whole (fine-tune with --merge_tensor_parallel)")
+    stem, extension = os.path.splitext(ADAPTER_WEIGHTS)
+    missing = [name for name in (f"{stem}.tp{rank:0>2d}{extension}" for rank in range(adapter_degree))
+               if not os.path.isfile(os.path.join(lora_path, name))]
+    if missing:
+        raise InputError(f"{where}: missing adapter shard(s) {', '.join(missing)}")

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from functools import partial
 from typing import List, Optional, Tuple
@@ -17,7 +16,6 @@ import paddle.distributed as dist
 from paddle.distributed import fleet
 from paddlenlp.utils.log import logger
 
-from .checkpoint import merge_shards
 from .args import exit_on_bad_input
 from .batch_predict import check_lengths, parse_with_io, predict_records, read_inputs, write_outputs
 from .generation import generate
@@ -76,14 +74,8 @@ def init_tensor_parallel() -> Tuple[int, int]:
 
 def load_model(args: PredictArguments, degree: int = 1, rank: int = 0) -> GLMForConditionalGeneration:
     """The model (this rank's shard under tensor parallelism), with a LoRA adapter folded in when given."""
-    if degree > 1:
-        if args.lora_path:
-            raise ValueError("--lora_path with tensor parallelism: merge the adapter first (--merge_tensor_parallel_path "
-                             "in a one-process run), then predict with the merged model")
-        model = GLMForConditionalGeneration.from_pretrained(
-            args.model_name_or_path, tensor_parallel_degree=degree, tensor_parallel_rank=rank)
-    else:
-        model = load_with_adapter(args.model_name_or_path, args.lora_path)
+    model = load_with_adapter(args.model_name_or_path, args.lora_path, tensor_parallel_degree=degree,
+                              tensor_parallel_rank=rank)
     model.eval()
     if args.merge_tensor_parallel_path:
         save_merged(model, args, degree, rank)
@@ -91,18 +83,9 @@ def load_model(args: PredictArguments, degree: int = 1, rank: int = 0) -> GLMFor
 
 
 def save_merged(model: GLMForConditionalGeneration, args: PredictArguments, degree: int, rank: int) -> None:
-    """One checkpoint in `--merge_tensor_parallel_path`: shards are joined offline by rank 0."""
+    """One whole checkpoint in `--merge_tensor_parallel_path`, the shards gathered to rank 0."""
     target = args.merge_tensor_parallel_path
-    if degree == 1:
-        model.save_pretrained(target)
-    else:
-        shards = os.path.join(target, ".shards")
-        model.save_pretrained(shards)  # each rank writes its model_state.tpXX.pdparams
-        dist.barrier()
-        if rank == 0:
-            merge_shards(shards, target)
-            shutil.rmtree(shards)
-        dist.barrier()
+    model.save_pretrained(target, merge_tensor_parallel=degree > 1, is_main_process=rank == 0)
     if rank == 0:
         load_tokenizer(args.model_name_or_path).save_pretrained(target)
         logger.info(f"model written to {target}")

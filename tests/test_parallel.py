@@ -11,9 +11,12 @@ import sys
 import numpy as np
 import paddle
 import pytest
+from paddlenlp.peft import LoRAConfig
+from paddlenlp.transformers.conversion_utils import split_or_merge_func
 
 from conftest import tiny_config
 from paddle_glm.checkpoint import merge_shards, shard_files, split_checkpoint
+from paddle_glm.lora import GLMLoRAModel
 from paddle_glm.model import GLMForConditionalGeneration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,14 +51,19 @@ def tiny_checkpoint(tmp_path_factory):
         loss_mask=(np.arange(length)[None] >= np.array([4, 6])[:, None]).astype("float32"),
     )
     np.savez(root / "ckpt" / "inputs.npz", **inputs)
+    return {"dir": root / "ckpt", "root": root, **_one_process(model, inputs)}
+
+
+def _one_process(model, inputs):
+    """What tests/tp_worker.py computes on each rank: logits, loss, gradients of the trainable parameters."""
     tensors = {k: paddle.to_tensor(v) for k, v in inputs.items()}
     model.eval()
     logits = model(tensors["input_ids"], tensors["position_ids"], tensors["attention_mask"]).logits
     loss = model(tensors["input_ids"], tensors["position_ids"], tensors["attention_mask"], labels=tensors["labels"],
                  loss_mask=tensors["loss_mask"], label_smoothing=0.1).loss
     loss.backward()
-    grads = {name: p.grad.numpy() for name, p in model.named_parameters()}
-    return {"dir": root / "ckpt", "logits": logits.numpy(), "loss": float(loss), "grads": grads, "root": root}
+    grads = {name: p.grad.numpy() for name, p in model.named_parameters() if p.grad is not None}
+    return {"logits": logits.numpy(), "loss": float(loss), "grads": grads}
 
 
 def test_tensor_parallel_forward_backward_equal_one_process(tiny_checkpoint, tmp_path):
@@ -72,6 +80,43 @@ def test_tensor_parallel_forward_backward_equal_one_process(tiny_checkpoint, tmp
         action = merge.get(name.split(".", 1)[1])
         got = action(parts) if action else parts[0]
         np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=name)
+
+
+LORA_TARGETS = [".*query_key_value", ".*attention.dense", ".*dense_h_to_4h", ".*dense_4h_to_h"]
+
+
+def test_lora_under_tensor_parallel_equals_one_process(tiny_checkpoint, tmp_path):
+    """A whole (tp=1) adapter on every kind of parallel layer, split over 2 ranks: same logits and loss, and the
+    adapter gradients are the one-process ones split by the rules the adapter is saved with."""
+    paddle.seed(1)
+    model = GLMLoRAModel(GLMForConditionalGeneration.from_pretrained(str(tiny_checkpoint["dir"])),
+                         LoRAConfig(target_modules=LORA_TARGETS, r=4, lora_alpha=8))
+    for name, parameter in model.named_parameters():
+        if name.endswith("lora_B"):  # zero at initialisation: make the adapters change the output
+            parameter.set_value(paddle.randn(parameter.shape) * 0.2)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    expected = _one_process(model, dict(np.load(tiny_checkpoint["dir"] / "inputs.npz")))
+    assert np.abs(expected["logits"] - tiny_checkpoint["logits"]).max() > 1e-2  # the adapters matter
+    assert len(expected["grads"]) == 2 * 4 * 2  # only adapters train: 2 layers x 4 linears x (A, B)
+
+    launch(tmp_path, "tests/tp_worker.py", tiny_checkpoint["dir"], tmp_path, tmp_path / "adapter")
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in (0, 1)]
+    for result in ranks:
+        assert np.abs(result["logits"] - expected["logits"]).max() <= 1e-5
+        assert float(result["loss"]) == pytest.approx(expected["loss"], rel=1e-6)
+    merge = split_or_merge_func(is_split=False, tensor_parallel_degree=2, tensor_parallel_rank=0, num_attention_heads=4)
+    for name, grad in expected["grads"].items():
+        parts = [result[f"grad:{name}"] for result in ranks]
+        if name.endswith("query_key_value.lora_B"):  # per head, as the QKV weight
+            got = merge(parts, is_column=True, is_old_qkv=True)
+        elif name.endswith("dense_h_to_4h.lora_B"):
+            got = merge(parts, is_column=True)
+        elif name.endswith(("attention.dense.lora_A", "dense_4h_to_h.lora_A")):
+            got = merge(parts, is_column=False)
+        else:  # replicated: every rank holds the whole gradient
+            np.testing.assert_allclose(parts[1], parts[0], atol=1e-7, err_msg=name)
+            got = parts[0]
+        np.testing.assert_allclose(got, grad, atol=1e-6, err_msg=name)
 
 
 def test_checkpoint_split_then_merge_is_exact_and_logits_agree(tiny_checkpoint, tmp_path):
@@ -156,3 +201,81 @@ def test_predict_under_tensor_parallel_equals_one_process(no_dropout_base, tmp_p
     base = paddle.load(os.path.join(no_dropout_base["model"], "model_state.pdparams"), return_numpy=True)
     merged = paddle.load(str(tmp_path / "merged" / "model_state.pdparams"), return_numpy=True)
     assert all(np.array_equal(base[k], merged[k]) for k in base)
+
+
+def _adapter_state(directory, name="lora_model_state.pdparams"):
+    return paddle.load(os.path.join(directory, name), return_numpy=True)
+
+
+def test_finetune_lora_tensor_parallel_equals_one_process(no_dropout_base, tmp_path):
+    """LoRA on every parallel layer kind, from the same starting adapter: tp=2 trains as tp=1, and
+    --merge_tensor_parallel writes the adapter and the --merge_lora model whole."""
+    from paddle_glm.finetune import main
+
+    paddle.seed(3)
+    start = GLMLoRAModel(GLMForConditionalGeneration.from_pretrained(no_dropout_base["model"]),
+                         LoRAConfig(target_modules=LORA_TARGETS, r=4, lora_alpha=8, lora_dropout=0.0))
+    for name, parameter in start.named_parameters():
+        if name.endswith("lora_B"):
+            parameter.set_value(paddle.randn(parameter.shape) * 0.05)
+    start.save_pretrained(str(tmp_path / "start"))
+    lora = dict(lora=True, lora_path=tmp_path / "start", merge_lora=True, learning_rate=3e-3)
+    main(_flags(no_dropout_base, tmp_path / "tp1", **lora))
+    launch(tmp_path, "finetune_generation.py", *_flags(no_dropout_base, tmp_path / "tp2", tensor_parallel_degree=2,
+                                                        merge_tensor_parallel=True, **lora))
+    one, two = _losses(tmp_path / "tp1"), _losses(tmp_path / "tp2")
+    assert len(one) == len(two) == 20 and one[-1] < one[0]
+    assert max(abs(a - b) / abs(a) for a, b in zip(one, two)) <= 1e-4
+    assert json.load(open(tmp_path / "tp2" / "lora_config.json"))["tensor_parallel_degree"] == -1
+    trained, reference = _adapter_state(tmp_path / "tp2"), _adapter_state(tmp_path / "tp1")
+    assert set(trained) == set(reference) and max(np.abs(trained[k] - reference[k]).max() for k in reference) <= 1e-4
+    assert max(np.abs(reference[k] - _adapter_state(tmp_path / "start")[k]).max() for k in reference) > 1e-3
+    merged = _adapter_state(tmp_path / "tp2" / "merged", "model_state.pdparams")
+    expected = _adapter_state(tmp_path / "tp1" / "merged", "model_state.pdparams")
+    assert set(merged) == set(expected) and max(np.abs(merged[k] - expected[k]).max() for k in expected) <= 1e-4
+    assert json.load(open(tmp_path / "tp2" / "merged" / "config.json"))["tensor_parallel_degree"] == 1
+
+
+def test_tensor_parallel_lora_from_scratch_saves_shards_and_predicts(no_dropout_base, tmp_path):
+    """A new adapter under tp=2: replicated adapter tensors start and stay equal on both ranks, the adapter is
+    saved as lora_model_state.tpXX shards, and predict_generation.py on 2 ranks applies them as one process
+    applies the same adapter made whole."""
+    from paddle_glm.predict import main
+
+    launch(tmp_path, "finetune_generation.py", *_flags(
+        no_dropout_base, tmp_path / "tp2", tensor_parallel_degree=2, lora=True, lora_dropout=0.0,
+        lora_target_modules=".*dense_h_to_4h", learning_rate=3e-3, max_steps=5, do_eval=False))
+    shards = [_adapter_state(tmp_path / "tp2", f"lora_model_state.tp0{r}.pdparams") for r in (0, 1)]
+    key = "glm.transformer.layers.0.mlp.dense_h_to_4h"
+    assert np.array_equal(shards[0][f"{key}.lora_A"], shards[1][f"{key}.lora_A"])  # replicated
+    assert not np.array_equal(shards[0][f"{key}.lora_B"], shards[1][f"{key}.lora_B"])  # split, trained
+    # the same adapter, whole, by the split rule the shards were saved with
+    whole = {name: (np.concatenate([s[name] for s in shards], axis=1) if name.endswith("lora_B") else shards[0][name])
+             for name in shards[0]}
+    shutil.copytree(tmp_path / "tp2", tmp_path / "whole", ignore=shutil.ignore_patterns("*.pdparams", "checkpoint-*"))
+    paddle.save(whole, str(tmp_path / "whole" / "lora_model_state.pdparams"))
+    config = json.load(open(tmp_path / "whole" / "lora_config.json"))
+    json.dump({**config, "tensor_parallel_degree": -1}, open(tmp_path / "whole" / "lora_config.json", "w"))
+
+    flags = ["--model_name_or_path", no_dropout_base["model"], "--tgt_length", "6", "--num_beams", "2",
+             "--text", "答案：巴黎，上下文：巴黎是法国的首都", "--text", "答案：长江"]
+    main(flags + ["--lora_path", str(tmp_path / "whole"), "--output_file", str(tmp_path / "one.json")])
+    launch(tmp_path, "predict_generation.py", *flags, "--lora_path", tmp_path / "tp2", "--output_file", tmp_path / "two.json")
+    plain = tmp_path / "plain.json"
+    main(flags + ["--output_file", str(plain)])
+    read = lambda path: [json.loads(line) for line in open(path, encoding="utf-8")]  # noqa: E731
+    assert read(tmp_path / "one.json") == read(tmp_path / "two.json")
+    assert read(tmp_path / "one.json") != read(plain)  # the adapter changes what is predicted
+
+
+def test_resume_from_tensor_parallel_checkpoint_continues_the_same_losses(no_dropout_base, tmp_path):
+    first = _flags(no_dropout_base, tmp_path / "full", tensor_parallel_degree=2, max_steps=8, save_strategy="steps",
+                   save_steps=4, do_eval=False)
+    launch(tmp_path, "finetune_generation.py", *first)
+    shutil.copytree(tmp_path / "full" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
+    resumed = _flags(no_dropout_base, tmp_path / "resumed", tensor_parallel_degree=2, max_steps=8, save_strategy="steps",
+                     save_steps=4, do_eval=False, resume_from_checkpoint=tmp_path / "resumed" / "checkpoint-4")
+    launch(tmp_path, "finetune_generation.py", *resumed)
+    full, again = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert len(full) == len(again) == 8
+    assert again[4:] == pytest.approx(full[4:], rel=1e-6) and again[4:] != again[:4]
