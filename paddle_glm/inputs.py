@@ -24,7 +24,7 @@ import numpy as np
 
 __all__ = [
     "GLMSpecialIds", "build_source_ids", "training_example", "generation_example", "GLMCollator",
-    "generation_batch", "prefill_attention_mask",
+    "generation_batch", "prefill_attention_mask", "padded_training_example",
 ]
 
 Example = Dict[str, object]
@@ -94,6 +94,38 @@ def training_example(
         "attention_mask": np.array(sep, dtype="int64"),
         "labels": np.array([0] * sep + target + [special.eop], dtype="int64"),
         "loss_mask": np.array([0] * sep + [1] * part_b, dtype="float32"),
+    }
+
+
+def padded_training_example(
+    source_ids: Sequence[int], target_ids: Sequence[int], special: GLMSpecialIds, src_length: int, tgt_length: int
+) -> Example:
+    """The same example in PaddleNLP's reference layout, to compare against (tests, `bench/`).
+
+    The reference example pads part A to `src_length` and part B to `tgt_length`, passes a dense
+    [1, S, S] 0/1 attention mask (as its tokenizer's `build_inputs_for_generation` makes it) and a
+    float `loss_mask` over all S positions; its model projects every position to the vocabulary.
+    """
+    target = list(target_ids)[: tgt_length - 1]
+    sep = len(source_ids)
+    if sep > src_length:
+        raise ValueError(f"the source has {sep} ids, more than src_length {src_length}")
+    length = src_length + tgt_length
+    part_b = [special.sop] + target + [special.eop] + [special.pad] * (tgt_length - len(target) - 1)  # tgt + 1
+    mask = np.zeros([length, length], dtype="int64")
+    mask[:, :sep] = 1  # part A, without its pads, is visible to every query
+    mask[src_length:, src_length:] = np.tril(np.ones([tgt_length, tgt_length], dtype="int64"))
+    mask_pos = _mask_position(source_ids, special)
+    return {
+        "input_ids": np.array(list(source_ids) + [special.pad] * (src_length - sep) + part_b[:-1], dtype="int64"),
+        "position_ids": np.array(
+            [list(range(src_length)) + [mask_pos] * tgt_length, [0] * src_length + list(range(1, tgt_length + 1))],
+            dtype="int64",
+        ),
+        "attention_mask": mask[None],
+        "labels": np.array([0] * src_length + part_b[1:], dtype="int64"),
+        "loss_mask": np.array([0] * src_length + [1] * (len(target) + 1) + [0] * (tgt_length - len(target) - 1),
+                              dtype="float32"),
     }
 
 

@@ -192,6 +192,8 @@ FLAG_CASES = [
      "glm.transformer.layers.0.attention.query_key_value.lora_A has shape [32, 4] but the model needs [128, 4]"),
     ("lora_path targets nothing", dict(lora=True, lora_path="ADAPTERS/elsewhere"),
      "--lora_path ADAPTERS/elsewhere: its target_modules ['.*no_such_layer.*'] match no linear layer"),
+    ("lora_path split for 2 ranks", dict(lora=True, lora_path="ADAPTERS/sharded"),
+     "--lora_path ADAPTERS/sharded holds an adapter split for 2 tensor-parallel ranks but the model runs on 1"),
     ("resume_from_checkpoint", dict(resume_from_checkpoint="ADAPTERS/none"),
      "--resume_from_checkpoint ADAPTERS/none: not a checkpoint"),
 ]
@@ -205,6 +207,9 @@ def adapters(demo_base, tmp_path_factory):
     config_file = os.path.join(elsewhere, "lora_config.json")
     config = json.load(open(config_file))
     json.dump({**config, "target_modules": [".*no_such_layer.*"]}, open(config_file, "w"))
+    sharded = _adapter(root, GLMForConditionalGeneration.from_pretrained(demo_base["model"]), "sharded")
+    config_file = os.path.join(sharded, "lora_config.json")
+    json.dump({**json.load(open(config_file)), "tensor_parallel_degree": 2}, open(config_file, "w"))
     return str(root)
 
 
