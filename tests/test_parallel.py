@@ -279,3 +279,15 @@ def test_resume_from_tensor_parallel_checkpoint_continues_the_same_losses(no_dro
     full, again = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
     assert len(full) == len(again) == 8
     assert again[4:] == pytest.approx(full[4:], rel=1e-6) and again[4:] != again[:4]
+
+
+def test_tensor_times_data_parallel_on_four_processes_equals_data_parallel(no_dropout_base, tmp_path):
+    """tp 2 x dp 2 (4 processes, gloo sub-groups: paddle_glm.gloo_groups) sees the global batches of dp 2 alone and
+    trains to the same losses."""
+    launch(tmp_path, "finetune_generation.py", *_flags(no_dropout_base, tmp_path / "dp2", max_steps=8, do_eval=False))
+    launch(tmp_path, "finetune_generation.py", *_flags(no_dropout_base, tmp_path / "tp2dp2", max_steps=8, do_eval=False,
+                                                        tensor_parallel_degree=2), nproc=4)
+    dp, hybrid = _losses(tmp_path / "dp2"), _losses(tmp_path / "tp2dp2")
+    assert len(dp) == len(hybrid) == 8 and dp[-1] < dp[0]
+    assert max(abs(a - b) / abs(a) for a, b in zip(dp, hybrid)) <= 1e-4
+    assert len(shard_files(str(tmp_path / "tp2dp2"))) == 2
