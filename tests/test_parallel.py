@@ -1,6 +1,7 @@
 """Tensor parallelism on CPU (gloo): 2-process launches against the one-process model, shard merge/split."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -203,7 +204,7 @@ def test_predict_under_tensor_parallel_equals_one_process(no_dropout_base, tmp_p
     assert all(np.array_equal(base[k], merged[k]) for k in base)
 
 
-def _adapter_state(directory, name="lora_model_state.pdparams"):
+def _state(directory, name="lora_model_state.pdparams"):
     return paddle.load(os.path.join(directory, name), return_numpy=True)
 
 
@@ -227,11 +228,11 @@ def test_finetune_lora_tensor_parallel_equals_one_process(no_dropout_base, tmp_p
     assert len(one) == len(two) == 20 and one[-1] < one[0]
     assert max(abs(a - b) / abs(a) for a, b in zip(one, two)) <= 1e-4
     assert json.load(open(tmp_path / "tp2" / "lora_config.json"))["tensor_parallel_degree"] == -1
-    trained, reference = _adapter_state(tmp_path / "tp2"), _adapter_state(tmp_path / "tp1")
+    trained, reference = _state(tmp_path / "tp2"), _state(tmp_path / "tp1")
     assert set(trained) == set(reference) and max(np.abs(trained[k] - reference[k]).max() for k in reference) <= 1e-4
-    assert max(np.abs(reference[k] - _adapter_state(tmp_path / "start")[k]).max() for k in reference) > 1e-3
-    merged = _adapter_state(tmp_path / "tp2" / "merged", "model_state.pdparams")
-    expected = _adapter_state(tmp_path / "tp1" / "merged", "model_state.pdparams")
+    assert max(np.abs(reference[k] - _state(tmp_path / "start")[k]).max() for k in reference) > 1e-3
+    merged = _state(tmp_path / "tp2" / "merged", "model_state.pdparams")
+    expected = _state(tmp_path / "tp1" / "merged", "model_state.pdparams")
     assert set(merged) == set(expected) and max(np.abs(merged[k] - expected[k]).max() for k in expected) <= 1e-4
     assert json.load(open(tmp_path / "tp2" / "merged" / "config.json"))["tensor_parallel_degree"] == 1
 
@@ -245,7 +246,7 @@ def test_tensor_parallel_lora_from_scratch_saves_shards_and_predicts(no_dropout_
     launch(tmp_path, "finetune_generation.py", *_flags(
         no_dropout_base, tmp_path / "tp2", tensor_parallel_degree=2, lora=True, lora_dropout=0.0,
         lora_target_modules=".*dense_h_to_4h", learning_rate=3e-3, max_steps=5, do_eval=False))
-    shards = [_adapter_state(tmp_path / "tp2", f"lora_model_state.tp0{r}.pdparams") for r in (0, 1)]
+    shards = [_state(tmp_path / "tp2", f"lora_model_state.tp0{r}.pdparams") for r in (0, 1)]
     key = "glm.transformer.layers.0.mlp.dense_h_to_4h"
     assert np.array_equal(shards[0][f"{key}.lora_A"], shards[1][f"{key}.lora_A"])  # replicated
     assert not np.array_equal(shards[0][f"{key}.lora_B"], shards[1][f"{key}.lora_B"])  # split, trained
@@ -274,11 +275,19 @@ def test_resume_from_tensor_parallel_checkpoint_continues_the_same_losses(no_dro
     launch(tmp_path, "finetune_generation.py", *first)
     shutil.copytree(tmp_path / "full" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
     resumed = _flags(no_dropout_base, tmp_path / "resumed", tensor_parallel_degree=2, max_steps=8, save_strategy="steps",
-                     save_steps=4, do_eval=False, resume_from_checkpoint=tmp_path / "resumed" / "checkpoint-4")
+                     save_steps=4, do_eval=False, resume_from_checkpoint=tmp_path / "resumed" / "checkpoint-4",
+                     merge_tensor_parallel=True)
     launch(tmp_path, "finetune_generation.py", *resumed)
     full, again = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
     assert len(full) == len(again) == 8
     assert again[4:] == pytest.approx(full[4:], rel=1e-6) and again[4:] != again[:4]
+    # --merge_tensor_parallel: the final model is one checkpoint, the shards of the first run joined
+    assert not glob.glob(str(tmp_path / "resumed" / "*.tp0*")) and len(shard_files(str(tmp_path / "resumed" / "checkpoint-8"))) == 2
+    assert json.load(open(tmp_path / "resumed" / "config.json"))["tensor_parallel_degree"] == 1
+    merge_shards(str(tmp_path / "full"), str(tmp_path / "joined"))
+    joined = _state(tmp_path / "joined", "model_state.pdparams")
+    whole = _state(tmp_path / "resumed", "model_state.pdparams")
+    assert set(joined) == set(whole) and max(np.abs(joined[k] - whole[k]).max() for k in joined) <= 1e-5
 
 
 def test_tensor_times_data_parallel_on_four_processes_equals_data_parallel(no_dropout_base, tmp_path):
