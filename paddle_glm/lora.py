@@ -39,7 +39,8 @@ class _ParallelLoRA:
                      split: str) -> None:
         nn.Layer.__init__(self)
         self.weight, self.bias = base.weight, base.bias
-        # PaddleNLP's LoRALinear initialisation, so that a tp=1 and a tp=N run start alike.
+        # PaddleNLP's LoRALinear initialisation. Replicated tensors start equal on every rank: fleet's TensorParallel
+        # wrapper broadcasts the parameters that are not `is_distributed` across the model-parallel group.
         self.lora_A = self.create_parameter(a_shape, default_initializer=nn.initializer.KaimingUniform(
             negative_slope=math.sqrt(5), nonlinearity="leaky_relu"))
         self.lora_B = self.create_parameter(b_shape, default_initializer=nn.initializer.Constant(0.0))
@@ -114,6 +115,7 @@ class GLMLoRAModel(LoRAModel):
                 layer.lora_A.stop_gradient = layer.lora_B.stop_gradient = False
                 if bias_trains and layer.bias is not None:
                     layer.bias.stop_gradient = False
+
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "lora_config.json", "lora_model_state.pdparams"
 
