@@ -4,12 +4,12 @@ Ours: `paddle_glm.model.GLMForConditionalGeneration` trained by `paddle_glm.trai
 `GLMCollator` (each batch padded to its own longest example, part-A length as a 1-D mask) and projecting
 to the vocabulary only at target positions (`loss_positions_only`, as `GLMTrainer.compute_loss` asks).
 Reference: PaddleNLP's `GLMForConditionalGeneration` in `paddlenlp.trainer.Trainer` with the reference
-example's inputs: every example padded to src_length + tgt_length, a dense [1, S, S] attention mask as
-its tokenizer's `build_inputs_for_generation` makes it, logits at every position, loss with `loss_mask`
-(`DefaultDataCollator`, as the example). Both: same random weights (state dict copied), same synthetic
-examples in the same order, same batch size and the example's optimisation flags (AdamW, lr 3e-5,
-warm-up 0.06, weight decay 0.1, grad-norm clip 1.0); fp32 on CPU (the example's --fp16/--recompute
-are GPU settings).
+example's inputs (`paddle_glm.inputs.padded_training_example`): every example padded to src_length + tgt_length,
+a dense [1, S, S] attention mask as its tokenizer's `build_inputs_for_generation` makes it, logits at every
+position, loss with `loss_mask` (`DefaultDataCollator`, as the example). Both: same random weights (state
+dict copied), same synthetic examples in the same order, same batch size and the example's optimisation flags
+(AdamW, lr 3e-5, warm-up 0.06, weight decay 0.1, grad-norm clip 1.0); fp32 on CPU (the example's
+--fp16/--recompute are GPU settings).
 
 Throughput is target tokens (sum of loss_mask) and samples per second over `--steps` steps after
 `--warmup_steps`, best of `--repeats` rounds (the two paths alternate, so background load hits both).
@@ -43,7 +43,7 @@ from paddlenlp.transformers import GLMForConditionalGeneration as PaddleNLPGLM
 from paddlenlp.utils.log import logger
 
 from paddle_glm.demo import DEMO_MODEL_CONFIG
-from paddle_glm.inputs import GLMCollator, GLMSpecialIds, build_source_ids, training_example
+from paddle_glm.inputs import GLMCollator, GLMSpecialIds, build_source_ids, padded_training_example, training_example
 from paddle_glm.model import GLMForConditionalGeneration
 from paddle_glm.trainer import GLMTrainer
 
@@ -142,33 +142,6 @@ def synthetic_pairs(case: Case, count: int, text_vocab: int, seed: int) -> List[
         text, target_ids = rng.integers(100, text_vocab, source - 3), rng.integers(100, text_vocab, target)
         pairs.append((text.tolist(), target_ids.tolist()))
     return pairs
-
-
-def our_example(text: List[int], target: List[int], special: GLMSpecialIds, case: Case) -> dict:
-    return training_example(build_source_ids(text, special, case.src_length), target, special, case.tgt_length)
-
-
-def reference_example(text: List[int], target: List[int], special: GLMSpecialIds, case: Case) -> dict:
-    """The example's layout: tokenizer(padding="max_length") + build_inputs_for_generation(padding=True)."""
-    src, tgt = case.src_length, case.tgt_length
-    source = [special.cls] + text + [special.gmask, special.eos]
-    mask_pos = len(source) - 2
-    key_mask = np.array([1] * len(source) + [0] * (src - len(source)), dtype="int64")
-    source = source + [special.pad] * (src - len(source))
-    part_b = np.array(([special.sop] + target + [special.eop] + [special.pad] * tgt)[: tgt + 1], dtype="int64")
-    loss_mask = np.logical_and(part_b != special.pad, part_b != special.eop)[:tgt]
-    mask = np.zeros([src + tgt, src + tgt], dtype="int64")
-    mask[:, :src] = key_mask
-    mask[src:, src:] = np.tril(np.ones([tgt, tgt], dtype="int64"))
-    return {
-        "input_ids": np.concatenate([np.array(source, dtype="int64"), part_b[:-1]]),
-        "position_ids": np.array([list(range(src)) + [mask_pos] * tgt, [0] * src + list(range(1, tgt + 1))],
-                                 dtype="int64"),
-        "attention_mask": mask[None],
-        "labels": np.concatenate([np.zeros(src, dtype="int64"), part_b[1:]]),
-        # PaddleNLP's loss multiplies by loss_mask and fails on the tokenizer's int64: cast.
-        "loss_mask": np.concatenate([np.zeros(src), loss_mask]).astype("float32"),
-    }
 
 
 class ListDataset(paddle.io.Dataset):
@@ -387,8 +360,10 @@ def prepare_data(case: Case, args):
     text_vocab = MODELS[case.model]["text_vocab"]
     special = special_ids(text_vocab)
     pairs = synthetic_pairs(case, args.steps * case.batch, text_vocab, args.seed)
-    return (ListDataset([our_example(t, g, special, case) for t, g in pairs]),
-            ListDataset([reference_example(t, g, special, case) for t, g in pairs]))
+    sources = [build_source_ids(text, special, case.src_length) for text, _ in pairs]
+    return (ListDataset([training_example(s, g, special, case.tgt_length) for s, (_, g) in zip(sources, pairs)]),
+            ListDataset([padded_training_example(s, g, special, case.src_length, case.tgt_length)
+                         for s, (_, g) in zip(sources, pairs)]))
 
 
 def time_paths(our_trainer, reference_trainer, args) -> Dict[str, list]:
