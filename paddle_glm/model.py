@@ -118,11 +118,12 @@ class GLMAttention(nn.Layer):
                 dropout_p=self.dropout_p, training=self.training,
             )
         query = query.transpose([0, 2, 1, 3])  # (B, nh, q, hd)
-        key = key.transpose([0, 2, 3, 1])  # (B, nh, hd, k)
+        key = key.transpose([0, 2, 1, 3]) / math.sqrt(self.head_dim)  # (B, nh, k, hd), scaled as PaddleNLP does
         value = value.transpose([0, 2, 1, 3])  # (B, nh, k, hd)
-        scores = paddle.matmul(query, key) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, q, k)
-        scores = scores.astype("float32") + mask_bias
-        probs = self.attention_dropout(F.softmax(scores, axis=-1).astype(value.dtype))
+        scores = paddle.matmul(query, key, transpose_y=True).astype("float32")  # (B, nh, q, k)
+        # In place: every (q, k)-sized pass that allocates costs as much as the pass itself on CPU.
+        probs = F.softmax_(scores.add_(mask_bias), axis=-1)
+        probs = self.attention_dropout(probs.astype(value.dtype))
         return paddle.matmul(probs, value).transpose([0, 2, 1, 3])
 
 
