@@ -117,8 +117,9 @@ class GLMAttention(nn.Layer):
                 query, key, value, attn_mask=mask_bias.astype(query.dtype),
                 dropout_p=self.dropout_p, training=self.training,
             )
-        query = query.transpose([0, 2, 1, 3])  # (B, nh, q, hd)
-        key = key.transpose([0, 2, 1, 3]) / math.sqrt(self.head_dim)  # (B, nh, k, hd), scaled as PaddleNLP does
+        # The queries are scaled, not the (q, k) scores: in a decode step q = 1 while k is the whole cache.
+        query = query.transpose([0, 2, 1, 3]) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, q, hd)
+        key = key.transpose([0, 2, 1, 3])  # (B, nh, k, hd)
         value = value.transpose([0, 2, 1, 3])  # (B, nh, k, hd)
         scores = paddle.matmul(query, key, transpose_y=True).astype("float32")  # (B, nh, q, k)
         # In place: every (q, k)-sized pass that allocates costs as much as the pass itself on CPU.
