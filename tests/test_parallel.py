@@ -19,6 +19,7 @@ from conftest import tiny_config
 from paddle_glm.checkpoint import merge_shards, shard_files, split_checkpoint
 from paddle_glm.lora import GLMLoRAModel
 from paddle_glm.model import GLMForConditionalGeneration
+from tp_worker import forward_backward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.timeout(600)
@@ -52,19 +53,7 @@ def tiny_checkpoint(tmp_path_factory):
         loss_mask=(np.arange(length)[None] >= np.array([4, 6])[:, None]).astype("float32"),
     )
     np.savez(root / "ckpt" / "inputs.npz", **inputs)
-    return {"dir": root / "ckpt", "root": root, **_one_process(model, inputs)}
-
-
-def _one_process(model, inputs):
-    """What tests/tp_worker.py computes on each rank: logits, loss, gradients of the trainable parameters."""
-    tensors = {k: paddle.to_tensor(v) for k, v in inputs.items()}
-    model.eval()
-    logits = model(tensors["input_ids"], tensors["position_ids"], tensors["attention_mask"]).logits
-    loss = model(tensors["input_ids"], tensors["position_ids"], tensors["attention_mask"], labels=tensors["labels"],
-                 loss_mask=tensors["loss_mask"], label_smoothing=0.1).loss
-    loss.backward()
-    grads = {name: p.grad.numpy() for name, p in model.named_parameters() if p.grad is not None}
-    return {"logits": logits.numpy(), "loss": float(loss), "grads": grads}
+    return {"dir": root / "ckpt", "root": root, **forward_backward(model, inputs)}
 
 
 def test_tensor_parallel_forward_backward_equal_one_process(tiny_checkpoint, tmp_path):
@@ -96,7 +85,7 @@ def test_lora_under_tensor_parallel_equals_one_process(tiny_checkpoint, tmp_path
         if name.endswith("lora_B"):  # zero at initialisation: make the adapters change the output
             parameter.set_value(paddle.randn(parameter.shape) * 0.2)
     model.save_pretrained(str(tmp_path / "adapter"))
-    expected = _one_process(model, dict(np.load(tiny_checkpoint["dir"] / "inputs.npz")))
+    expected = forward_backward(model, dict(np.load(tiny_checkpoint["dir"] / "inputs.npz")))
     assert np.abs(expected["logits"] - tiny_checkpoint["logits"]).max() > 1e-2  # the adapters matter
     assert len(expected["grads"]) == 2 * 4 * 2  # only adapters train: 2 layers x 4 linears x (A, B)
 
