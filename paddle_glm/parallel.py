@@ -20,6 +20,7 @@ from paddle.distributed import fleet
 from . import gloo_groups
 
 gloo_groups.install()  # before fleet.init forms its groups: tensor x data parallel groups on gloo need it
+
 __all__ = [
     "model_parallel_group", "copy_to_model_parallel", "reduce_from_model_parallel", "gather_from_model_parallel",
     "VocabParallelEmbedding", "ColumnParallelLinear", "RowParallelLinear", "parallel_cross_entropy",
