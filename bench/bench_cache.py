@@ -21,7 +21,7 @@ from paddlenlp.transformers import GLMForConditionalGeneration as PaddleNLPGLM
 
 from paddle_glm.decoding import DecodingConfig
 from paddle_glm.generation import generate
-from paddle_glm.model import GLMForConditionalGeneration
+from paddle_glm.models.glm import GLMForConditionalGeneration
 
 # Special ids on glm-large-chinese's vocabulary (see paddle_glm.tokenizer).
 PAD, CLS, SOP, EOP, GMASK = 50000, 50002, 50006, 50007, 50009

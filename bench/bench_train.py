@@ -1,6 +1,6 @@
 """Training throughput: our fine-tuning path against PaddleNLP's GLM in PaddleNLP's Trainer, same run.
 
-Ours: `paddle_glm.model.GLMForConditionalGeneration` trained by `paddle_glm.trainer.GLMTrainer`, fed by
+Ours: `paddle_glm.models.glm.GLMForConditionalGeneration` trained by `paddle_glm.trainer.GLMTrainer`, fed by
 `GLMCollator` (each batch padded to its own longest example, part-A length as a 1-D mask) and projecting
 to the vocabulary only at target positions (`loss_positions_only`, as `GLMTrainer.compute_loss` asks).
 Reference: PaddleNLP's `GLMForConditionalGeneration` in `paddlenlp.trainer.Trainer` with the reference
@@ -44,7 +44,7 @@ from paddlenlp.utils.log import logger
 
 from paddle_glm.demo import DEMO_MODEL_CONFIG
 from paddle_glm.inputs import GLMCollator, GLMSpecialIds, build_source_ids, padded_training_example, training_example
-from paddle_glm.model import GLMForConditionalGeneration
+from paddle_glm.models.glm import GLMForConditionalGeneration
 from paddle_glm.trainer import GLMTrainer
 
 # Model shapes; special ids sit after the text vocabulary as in GLM's Chinese tokenizer (offset + 0, 2, 6, 7, 9).

@@ -26,7 +26,7 @@ from paddlenlp.utils.log import logger
 
 from paddle_glm.args import check, exit_on_bad_input
 from paddle_glm.lora import load_with_adapter
-from paddle_glm.model import GLMMLP, GLMForConditionalGeneration
+from paddle_glm.models.glm import GLMMLP, GLMForConditionalGeneration
 from paddle_glm.tokenizer import load_tokenizer
 
 __all__ = ["ExportArguments", "export_generation_model", "main", "EXPORT_FORMAT_VERSION", "GRAPHS"]

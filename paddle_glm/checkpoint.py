@@ -23,7 +23,7 @@ import paddle
 from paddlenlp.utils.log import logger
 from tqdm import tqdm
 
-from .model import GLMConfig, GLMForConditionalGeneration
+from .models.glm import GLMConfig, GLMForConditionalGeneration
 
 __all__ = ["merge_shards", "split_checkpoint", "shard_files", "main"]
 

@@ -48,7 +48,7 @@ from paddlenlp.transformers.utils import convert_file_size_to_int
 from paddlenlp.utils.log import logger
 from tqdm import tqdm
 
-from .model import GLMConfig, GLMForConditionalGeneration
+from .models.glm import GLMConfig, GLMForConditionalGeneration
 
 __all__ = ["ConversionError", "GLM_TENSORS", "TensorSpec", "convert", "glm_tensor_specs", "main"]
 

@@ -15,7 +15,7 @@ from paddlenlp.utils.log import logger
 import sentencepiece as spm
 
 from .demo_data import demo_texts, write_demo_splits
-from .model import GLMConfig, GLMForConditionalGeneration
+from .models.glm import GLMConfig, GLMForConditionalGeneration
 from .tokenizer import tokenizer_from_sentencepiece
 
 __all__ = ["DEMO_MODEL_CONFIG", "prepare_demo"]

@@ -21,7 +21,7 @@ from .data import read_pairs, summarize_skipped, tokenize_pairs, write_json_line
 from .demo import prepare_demo
 from .inputs import GLMCollator
 from .lora import add_lora, merged_model
-from .model import GLMConfig, GLMForConditionalGeneration
+from .models.glm import GLMConfig, GLMForConditionalGeneration
 from .tokenizer import load_tokenizer
 from .trainer import GLMTrainer
 

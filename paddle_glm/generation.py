@@ -12,7 +12,7 @@ import paddle
 
 from .decoding import DecodingConfig, GenerationResult, generate as decode
 from .inputs import Example, generation_batch
-from .model import KVCache
+from .models.layers import KVCache
 from .stepper import GLMStepper
 
 __all__ = ["DygraphStepper", "generate"]

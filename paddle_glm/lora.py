@@ -156,7 +156,7 @@ def merged_state_dict(lora_model: LoRAModel) -> Dict[str, paddle.Tensor]:
 def load_with_adapter(model_name_or_path: str, lora_path: Optional[str] = None, **kwargs) -> paddle.nn.Layer:
     """A plain `GLMForConditionalGeneration` (`kwargs` go to `from_pretrained`: a tensor-parallel rank's shard),
     with the adapter at `lora_path` folded into its weights."""
-    from .model import GLMForConditionalGeneration
+    from .models.glm import GLMForConditionalGeneration
 
     model = GLMForConditionalGeneration.from_pretrained(model_name_or_path, **kwargs)
     return merged_model(load_adapter(model, lora_path)) if lora_path else model
@@ -164,7 +164,7 @@ def load_with_adapter(model_name_or_path: str, lora_path: Optional[str] = None, 
 
 def merged_model(lora_model: LoRAModel) -> paddle.nn.Layer:
     """A plain `GLMForConditionalGeneration` holding the base weights with the adapter folded in."""
-    from .model import GLMForConditionalGeneration
+    from .models.glm import GLMForConditionalGeneration
 
     model = GLMForConditionalGeneration(lora_model.model.config)
     model.set_state_dict(merged_state_dict(lora_model))

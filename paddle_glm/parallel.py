@@ -131,13 +131,15 @@ class VocabParallelEmbedding(nn.Layer):
 class ColumnParallelLinear(nn.Layer):
     """y[..., this rank's out/N columns] = x W + b; the input is replicated, the output stays split."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
         _, degree = _rank_and_degree()
         per_rank = _divide(out_features, degree, "output features")
         self.weight = self.create_parameter([in_features, per_rank])
-        self.bias = self.create_parameter([per_rank], is_bias=True)
-        self.weight.is_distributed = self.bias.is_distributed = True
+        self.bias = self.create_parameter([per_rank], is_bias=True) if bias else None
+        self.weight.is_distributed = True
+        if bias:
+            self.bias.is_distributed = True
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         return nn.functional.linear(copy_to_model_parallel(hidden_states), self.weight, self.bias)
@@ -146,15 +148,16 @@ class ColumnParallelLinear(nn.Layer):
 class RowParallelLinear(nn.Layer):
     """y = sum over ranks of x[..., this rank's in/N] W_rank, + b: the input comes split, the output replicated."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
         _, degree = _rank_and_degree()
         self.weight = self.create_parameter([_divide(in_features, degree, "input features"), out_features])
-        self.bias = self.create_parameter([out_features], is_bias=True)
+        self.bias = self.create_parameter([out_features], is_bias=True) if bias else None
         self.weight.is_distributed = True
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        return reduce_from_model_parallel(paddle.matmul(hidden_states, self.weight)) + self.bias
+        output = reduce_from_model_parallel(paddle.matmul(hidden_states, self.weight))
+        return output if self.bias is None else output + self.bias
 
 
 def parallel_cross_entropy(

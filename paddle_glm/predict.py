@@ -20,7 +20,7 @@ from .args import exit_on_bad_input
 from .batch_predict import check_lengths, parse_with_io, predict_records, read_inputs, write_outputs
 from .generation import generate
 from .lora import load_with_adapter
-from .model import GLMForConditionalGeneration
+from .models.glm import GLMForConditionalGeneration
 from .tokenizer import load_tokenizer
 
 __all__ = ["PredictArguments", "main"]

@@ -10,7 +10,7 @@ import pytest
 from paddlenlp.transformers import GLMConfig
 from paddlenlp.transformers import GLMForConditionalGeneration as PaddleNLPGLM
 
-from paddle_glm.model import GLMForConditionalGeneration
+from paddle_glm.models.glm import GLMForConditionalGeneration
 
 SHARED_ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "assets")
 COG_MODEL = os.path.join(SHARED_ASSETS, "cog-pretrain.model")

@@ -17,7 +17,7 @@ from paddlenlp.transformers import GLMForConditionalGeneration as PaddleNLPGLM
 from safetensors.numpy import load_file, save_file
 
 from paddle_glm.convert import ConversionError, build_parser, glm_tensor_specs, main
-from paddle_glm.model import GLMConfig, GLMForConditionalGeneration
+from paddle_glm.models.glm import GLMConfig, GLMForConditionalGeneration
 
 LAYERS, VOCAB, HIDDEN, HEADS, POSITIONS = 2, 64, 32, 4, 32
 SHAPE_FLAGS = ["--num_attention_heads", str(HEADS)]  # THUDM checkpoints show everything else in their tensors

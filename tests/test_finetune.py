@@ -15,7 +15,7 @@ from paddle_glm.finetune import main, parse_arguments
 from paddle_glm.generation import generate
 from paddle_glm.inputs import GLMCollator
 from paddle_glm.lora import add_lora
-from paddle_glm.model import GLMForConditionalGeneration
+from paddle_glm.models.glm import GLMForConditionalGeneration
 from paddle_glm.tokenizer import load_tokenizer
 
 

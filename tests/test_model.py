@@ -9,7 +9,8 @@ from paddlenlp.transformers import GLMForConditionalGeneration as PaddleNLPGLM
 from conftest import tiny_config, to_numpy
 from paddle_glm.generation import DygraphStepper
 from paddle_glm.inputs import generation_batch, prefill_attention_mask
-from paddle_glm.model import GLMForConditionalGeneration, glm_loss, sep_to_dense_mask
+from paddle_glm.models.glm import GLMForConditionalGeneration
+from paddle_glm.models.layers import lm_loss, sep_to_dense_mask
 
 B, S, V = 3, 12, 96
 
@@ -82,7 +83,7 @@ def test_loss_label_smoothing_matches_hand_computation():
     eps = 0.2
     log_p = logits[0, 0] - np.log(np.exp(logits[0, 0]).sum())
     expected = (1 - eps) * -log_p[0] + eps * -log_p.mean()
-    got = glm_loss(paddle.to_tensor(logits), paddle.to_tensor(labels), paddle.to_tensor(mask), eps)
+    got = lm_loss(paddle.to_tensor(logits), paddle.to_tensor(labels), paddle.to_tensor(mask), eps)
     assert abs(float(got) - expected) < 1e-6
 
 

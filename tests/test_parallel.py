@@ -18,7 +18,7 @@ from paddlenlp.transformers.conversion_utils import split_or_merge_func
 from conftest import tiny_config
 from paddle_glm.checkpoint import merge_shards, shard_files, split_checkpoint
 from paddle_glm.lora import GLMLoRAModel
-from paddle_glm.model import GLMForConditionalGeneration
+from paddle_glm.models.glm import GLMForConditionalGeneration
 from tp_worker import forward_backward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,7 @@ import pytest
 from paddlenlp.peft import LoRAConfig, LoRAModel
 
 from paddle_glm.data import write_json_lines
-from paddle_glm.model import GLMForConditionalGeneration
+from paddle_glm.models.glm import GLMForConditionalGeneration
 from paddle_glm.predict import main
 
 TEXTS = ["答案：巴黎，上下文：巴黎是法国的首都，位于欧洲。", "答案：1998年，上下文：云海公司于1998年推出了手表。", "答案：长江"]

@@ -26,7 +26,7 @@ from paddlenlp.trainer import get_last_checkpoint
 import paddle_glm.data as data_module
 from paddle_glm.data import DataError, read_json_lines, read_pairs, summarize_skipped, tokenize_pairs
 from paddle_glm.finetune import main as finetune_main
-from paddle_glm.model import GLMForConditionalGeneration
+from paddle_glm.models.glm import GLMForConditionalGeneration
 from paddle_glm.predict import main as predict_main
 from paddle_glm.tokenizer import load_tokenizer
 from tasks import belle, dureader_qg
@@ -449,7 +449,7 @@ def _broken_checkpoints(root):
 
     from conftest import tiny_config
     from paddle_glm.checkpoint import split_checkpoint
-    from paddle_glm.model import GLMForConditionalGeneration
+    from paddle_glm.models.glm import GLMForConditionalGeneration
 
     paddle.seed(0)
     good = root / "good"
@@ -483,7 +483,7 @@ def _broken_checkpoints(root):
     ("shards_wrong_degree", r"2 tensor-parallel shards but --tensor_parallel_degree 4"),
 ])
 def test_checkpoint_that_does_not_fit_is_refused_never_partly_loaded(tmp_path, case, message):
-    from paddle_glm.model import GLMForConditionalGeneration
+    from paddle_glm.models.glm import GLMForConditionalGeneration
 
     directory, degree = _broken_checkpoints(tmp_path)[case]
     kwargs = {"tensor_parallel_degree": degree} if degree > 1 else {}

@@ -20,7 +20,7 @@ from paddlenlp.transformers import GLMForConditionalGeneration as PaddleNLPGLM
 
 from paddle_glm.data import GLMDataset, read_pairs, tokenize_pairs
 from paddle_glm.inputs import GLMCollator, GLMSpecialIds, padded_training_example
-from paddle_glm.model import GLMConfig, GLMForConditionalGeneration
+from paddle_glm.models.glm import GLMConfig, GLMForConditionalGeneration
 from paddle_glm.tokenizer import load_tokenizer
 from paddle_glm.trainer import GLMTrainer
 from tasks import dureader_qg

@@ -24,7 +24,7 @@ def main(checkpoint: str, output: str, lora_path: str = None) -> None:
     from paddle.distributed import fleet
 
     from paddle_glm.lora import load_adapter
-    from paddle_glm.model import GLMForConditionalGeneration
+    from paddle_glm.models.glm import GLMForConditionalGeneration
 
     strategy = fleet.DistributedStrategy()
     strategy.hybrid_configs = {"dp_degree": 1, "mp_degree": dist.get_world_size(), "pp_degree": 1}
