@@ -22,9 +22,9 @@ from typing import List, Optional
 import paddle
 from paddle.static import InputSpec
 from paddlenlp.trainer import PdArgumentParser
-from paddlenlp.utils.log import logger
+from paddle_glm.logs import configure as configure_logs, logger
 
-from paddle_glm.args import check, exit_on_bad_input
+from paddle_glm.args import VERBOSE_HELP, check, exit_on_bad_input
 from paddle_glm.lora import load_with_adapter
 from paddle_glm.models.glm import GLMMLP, GLMForConditionalGeneration
 from paddle_glm.tokenizer import load_tokenizer
@@ -41,7 +41,13 @@ class ExportArguments:
     model_name_or_path: str = field(
         default="checkpoints/demo/dureader_qg", metadata={"help": "Checkpoint to export (default: the demo's)."}
     )
-    output_path: str = field(default="checkpoints/demo/export", metadata={"help": "Directory to write."})
+    output_path: str = field(
+        default="checkpoints/demo/export",
+        metadata={"help": "Directory to write. The reference's `--output_path ./checkpoints/infer/glm` writes the "
+                          "directory ./checkpoints/infer/glm, which infer_generation.py serves as `--model_path "
+                          "./checkpoints/infer --model_prefix glm` (the reference's pair) or `--model_path "
+                          "./checkpoints/infer/glm`."},
+    )
     lora_path: Optional[str] = field(default=None, metadata={"help": "LoRA adapter merged into the weights."})
     dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16 weights and activations."})
     src_length: Optional[int] = field(
@@ -49,6 +55,7 @@ class ExportArguments:
     )
     tgt_length: int = field(default=64, metadata={"help": "Most tokens the export generates per input."})
     onnx: bool = field(default=False, metadata={"help": "Also write prefill.onnx and decode.onnx (paddle2onnx)."})
+    verbose: bool = field(default=False, metadata={"help": VERBOSE_HELP})
 
 
 class PrefillGraph(paddle.nn.Layer):
@@ -157,8 +164,9 @@ def export_config(config, tokenizer, dtype: str, src_length: int, tgt_length: in
 
 @exit_on_bad_input
 def main(argv: Optional[List[str]] = None) -> None:
+    configure_logs(argv)
     (args,) = PdArgumentParser(ExportArguments).parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
-    paddle.set_device("cpu")
+    paddle.set_device("cpu")  # tracing needs no accelerator
     if not os.path.exists(args.model_name_or_path) and args.model_name_or_path == ExportArguments.model_name_or_path:
         raise SystemExit(f"{args.model_name_or_path} does not exist yet: run `python finetune_generation.py` first")
     model = load_with_adapter(args.model_name_or_path, args.lora_path)

@@ -14,12 +14,29 @@ from typing import Callable, List, Optional
 from .decoding import STRATEGIES, DecodingConfig
 
 __all__ = [
-    "ModelArguments", "DataArguments", "GenerationArguments", "FLAG_ALIASES", "InputError", "check",
+    "VERBOSE_HELP", "default_device", "ModelArguments", "DataArguments", "GenerationArguments", "FLAG_ALIASES", "InputError", "check",
     "exit_on_bad_input",
 ]
 
 # Extra spellings accepted on the command line (and in JSON argument files): alias -> flag.
 FLAG_ALIASES = {"--r": "--lora_rank"}
+
+
+VERBOSE_HELP = "Show every log line of PaddleNLP and Paddle (default: progress, metrics, output paths, warnings)."
+
+
+def default_device() -> str:
+    """gpu (or xpu) when Paddle is compiled for it and one is visible, else cpu: the reference's commands run
+    unchanged on a CPU build, where PaddleNLP's default --device gpu stops them."""
+    try:
+        import paddle
+    except ImportError:  # the FastDeploy environment has no paddle
+        return "cpu"
+    if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        return "gpu"
+    if paddle.is_compiled_with_xpu() and paddle.device.xpu.device_count() > 0:
+        return "xpu"
+    return "cpu"
 
 
 class InputError(ValueError):
@@ -102,6 +119,7 @@ class ModelArguments:
         metadata={"help": "Write the bundled demo data, sentencepiece model and tiny GLM to the paths given by "
                           "--train_file, --dev_file and --model_name_or_path when they are missing."},
     )
+    verbose: bool = field(default=False, metadata={"help": VERBOSE_HELP})
 
     def __post_init__(self):
         problems = []
@@ -124,7 +142,15 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     task_name: str = field(
-        default="dureader_qg", metadata={"help": "Task module of tasks/: dureader_qg, belle or jsonl."}
+        default="dureader_qg",
+        metadata={"help": "Task module of tasks/: dureader_qg, belle or jsonl; or a BELLE set of PaddleNLP's "
+                          "'bellegroup' data set by name (school_math_0.25M, generated_chat_0.4M, train_2M_CN, "
+                          "multiturn_chat_0.8M, ...: the belle task, downloaded unless --train_file/--dev_file are given)."},
+    )
+    data_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "The reference's data set name: bellegroup (with a BELLE set as --task_name) or dureader_qg. "
+                          "Downloads need network; local --train_file/--dev_file take precedence."},
     )
     train_file: Optional[str] = field(default=None, metadata={"help": "Training data, JSON lines."})
     dev_file: Optional[str] = field(default=None, metadata={"help": "Evaluation data, JSON lines."})

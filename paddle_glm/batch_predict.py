@@ -14,22 +14,25 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 from paddlenlp.trainer import PdArgumentParser
-from paddlenlp.utils.log import logger
+from .logs import logger
 from tqdm import tqdm
 
-from .args import GenerationArguments, check
-from .data import DataError, read_json_lines, text_field, write_json_lines
+from .args import VERBOSE_HELP, GenerationArguments, check
+from .data import DataError, TextPair, encode, read_json_lines, text_field, write_json_lines
 from .decoding import DecodingConfig, GenerationResult
 from .inputs import Example, GLMSpecialIds, build_source_ids, generation_example
+from .metrics import generation_metrics
 
 __all__ = ["IOArguments", "parse_with_io", "read_inputs", "check_lengths", "predict_records", "write_outputs",
            "InvalidInput"]
 
-DEMO_TEXTS = [
+# Predicted when neither --text nor --input_file is given, as the reference's predict script does.
+EXAMPLE_TEXTS = [
     "答案：巴黎，上下文：巴黎是法国的首都，位于欧洲，人口约210万。",
     "答案：1998年，上下文：云海电子公司于1998年推出了智能手表，售价为899元。",
     "答案：长江，上下文：从南京到武汉约500公里，途中可以看到长江。",
 ]
+DEFAULT_TGT_LENGTH = 64
 DecodeBatch = Callable[[List[Example]], GenerationResult]
 
 
@@ -46,7 +49,10 @@ class IOArguments:
         default=None, metadata={"help": "Maximum source tokens (longer sources lose their end); "
                                         "default: the model's positions minus --tgt_length."},
     )
-    tgt_length: int = field(default=64, metadata={"help": "Maximum generated tokens."})
+    tgt_length: Optional[int] = field(
+        default=None, metadata={"help": "Maximum generated tokens (default: 64; an export's own limit when serving one)."}
+    )
+    verbose: bool = field(default=False, metadata={"help": VERBOSE_HELP})
 
 
 def parse_with_io(model_arguments, argv: Optional[List[str]]) -> Tuple[object, IOArguments, GenerationArguments]:
@@ -70,14 +76,13 @@ def _gather_repeated(argv: List[str], flag: str) -> List[str]:
     return rest + ([flag] + values if values else [])
 
 
-def check_lengths(io: IOArguments, gen_args: GenerationArguments, positions: int, use_demo_texts: bool) -> int:
+def check_lengths(io: IOArguments, gen_args: GenerationArguments, positions: int) -> int:
     """The source length to use; refuses impossible flag values before any work."""
+    io.tgt_length = io.tgt_length or DEFAULT_TGT_LENGTH
     src_length = io.src_length or positions - io.tgt_length
     problems = []
     if io.text and io.input_file:
         problems.append("give --text or --input_file, not both")
-    if not (io.text or io.input_file or use_demo_texts):
-        problems.append("nothing to predict: give --text or --input_file")
     if io.batch_size < 1:
         problems.append(f"--batch_size {io.batch_size}: must be at least 1")
     if src_length < 4 or src_length + io.tgt_length > positions:
@@ -95,9 +100,10 @@ class InvalidInput(dict):
     """An input that cannot be predicted: its output record as is (the input record, if any, plus `error`)."""
 
 
-def read_inputs(io: IOArguments, use_demo_texts: bool) -> List[dict]:
+def read_inputs(io: IOArguments, held_out: Optional[List[TextPair]] = None) -> List[dict]:
     """The input records in order; a bad line of --input_file comes as an `InvalidInput` (a missing, empty or
-    UTF-16 file still raises a DataError)."""
+    UTF-16 file still raises a DataError). With neither --text nor --input_file: the `held_out` (source,
+    reference) pairs when given (the demo's dev set), else a few built-in example texts."""
     if io.input_file:
         records: List[dict] = []
         on_error = lambda number, error: records.append(InvalidInput(error=str(error)))  # noqa: E731
@@ -108,7 +114,12 @@ def read_inputs(io: IOArguments, use_demo_texts: bool) -> List[dict]:
                 record = InvalidInput(record, error=str(error))
             records.append(record)
         return records
-    texts = io.text or (DEMO_TEXTS if use_demo_texts else [])
+    if not io.text and held_out:
+        logger.info(f"no --text or --input_file: predicting {len(held_out)} held-out examples of the demo's dev set")
+        return [{io.source_field: source, "reference": reference} for source, reference in held_out]
+    if not io.text:
+        logger.info(f"no --text or --input_file: predicting {len(EXAMPLE_TEXTS)} built-in example texts")
+    texts = io.text or EXAMPLE_TEXTS
     return [InvalidInput({io.source_field: text}, error=f"--text {index + 1}: empty text") if not text.strip()
             else {io.source_field: text} for index, text in enumerate(texts)]
 
@@ -126,7 +137,7 @@ def predict_records(records: List[dict], tokenizer, io: IOArguments, src_length:
         batch = valid[start:start + io.batch_size]
         prompts = []
         for index in batch:
-            ids = tokenizer(records[index][io.source_field], add_special_tokens=False)["input_ids"]
+            ids = encode(tokenizer, records[index][io.source_field])
             truncated += len(ids) > src_length - 3  # [CLS] text [gMASK] <|endoftext|>
             prompts.append(generation_example(build_source_ids(ids, special, src_length), special))
         sequences = decode_batch(prompts).sequences
@@ -134,6 +145,9 @@ def predict_records(records: List[dict], tokenizer, io: IOArguments, src_length:
             texts = [tokenizer.decode(s, skip_special_tokens=True)
                      for s in sequences[position * per_prompt:(position + 1) * per_prompt]]
             outputs[index] = {**records[index], "prediction": texts[0] if per_prompt == 1 else texts}
+            if "reference" in outputs[index]:  # scored as training evaluation scores: through the tokenizer
+                outputs[index]["reference"] = tokenizer.decode(encode(tokenizer, outputs[index]["reference"]),
+                                                               skip_special_tokens=True)
     if truncated:
         logger.warning(f"truncated {truncated} of {len(valid)} sources to --src_length {src_length} tokens "
                        "(their end dropped)")
@@ -147,9 +161,29 @@ def predict_records(records: List[dict], tokenizer, io: IOArguments, src_length:
 
 
 def write_outputs(io: IOArguments, outputs: List[dict]) -> None:
+    """JSON lines to --output_file or standard output; records with a `reference` (held-out examples) are shown
+    as reference beside prediction, with the BLEU-4 and ROUGE-L of the predictions on them."""
     if io.output_file:
         write_json_lines(outputs, io.output_file)
         logger.info(f"{len(outputs)} predictions written to {io.output_file}")
-        return
-    for record in outputs:
-        print(json.dumps(record, ensure_ascii=False))
+    elif outputs and all("reference" in record for record in outputs):
+        print(held_out_report(outputs, io.source_field))
+    else:
+        for record in outputs:
+            print(json.dumps(record, ensure_ascii=False))
+
+
+def held_out_report(outputs: List[dict], source_field: str) -> str:
+    """Each held-out example with its reference and prediction, then one line of scores over them."""
+    lines = []
+    for number, record in enumerate(outputs, 1):
+        prediction = record.get("prediction", f"(not predicted: {record.get('error')})")
+        prediction = prediction[0] if isinstance(prediction, list) else prediction
+        lines += [f"{number}. {record[source_field]}", f"   reference:  {record['reference']}",
+                  f"   prediction: {prediction}"]
+    scored = [r for r in outputs if "prediction" in r]
+    predictions = [r["prediction"][0] if isinstance(r["prediction"], list) else r["prediction"] for r in scored]
+    scores = generation_metrics(predictions, [r["reference"] for r in scored])
+    lines.append(f"BLEU-4 {scores['bleu4']:.2f}, ROUGE-L {scores['rougeL']:.2f} on these {len(scored)} held-out "
+                 "examples (they were not trained on)")
+    return "\n".join(lines)

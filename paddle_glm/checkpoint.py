@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import paddle
-from paddlenlp.utils.log import logger
+from .logs import logger
 from tqdm import tqdm
 
 from .models.glm import GLMConfig, GLMForConditionalGeneration

@@ -45,7 +45,7 @@ import numpy as np
 import paddle
 from paddlenlp.transformers.glm.configuration import GLM_PRETRAINED_INIT_CONFIGURATION
 from paddlenlp.transformers.utils import convert_file_size_to_int
-from paddlenlp.utils.log import logger
+from .logs import logger
 from tqdm import tqdm
 
 from .models.glm import GLMConfig, GLMForConditionalGeneration

@@ -13,14 +13,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from paddlenlp.utils.log import logger
+from .logs import logger
 
 from .args import InputError
 from .inputs import GLMSpecialIds, build_source_ids, generation_example, training_example
 
 __all__ = [
     "DataError", "read_json_lines", "write_json_lines", "text_field", "TextPair", "GLMDataset", "tokenize_pairs",
-    "read_pairs", "summarize_skipped", "MAX_LINE_BYTES",
+    "read_pairs", "summarize_skipped", "MAX_LINE_BYTES", "encode",
 ]
 
 TextPair = Tuple[str, str]  # (source text, target text)
@@ -163,8 +163,8 @@ def tokenize_pairs(
     dataset = GLMDataset(features=[])
     truncated_sources = truncated_targets = 0
     for source, target in pairs:
-        text_ids = _encode(tokenizer, source)
-        target_ids = _encode(tokenizer, target)
+        text_ids = encode(tokenizer, source)
+        target_ids = encode(tokenizer, target)
         truncated_sources += len(text_ids) > src_length - 3
         truncated_targets += len(target_ids) > tgt_length - 1
         source_ids = build_source_ids(text_ids, special, src_length, truncation_side)
@@ -182,7 +182,8 @@ def tokenize_pairs(
     return dataset
 
 
-def _encode(tokenizer, text: str) -> List[int]:
+def encode(tokenizer, text: str) -> List[int]:
+    """The ids of `text` without special tokens."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

@@ -8,17 +8,21 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Dict
+from typing import Dict, List
 
 import paddle
-from paddlenlp.utils.log import logger
+from .logs import logger
 import sentencepiece as spm
 
+from .data import TextPair, read_pairs
 from .demo_data import demo_texts, write_demo_splits
 from .models.glm import GLMConfig, GLMForConditionalGeneration
 from .tokenizer import tokenizer_from_sentencepiece
 
-__all__ = ["DEMO_MODEL_CONFIG", "prepare_demo"]
+__all__ = ["DEMO_MODEL_CONFIG", "DEMO_CONFIG_DIR", "prepare_demo", "held_out_pairs"]
+
+# The demos' argument files (`python finetune_generation.py` with no arguments runs demo/finetune_argument.json).
+DEMO_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks", "configs", "demo")
 
 # A GLM small enough to train from scratch on 2 CPU cores in minutes; same architecture as glm-large-chinese.
 DEMO_MODEL_CONFIG = dict(
@@ -39,6 +43,19 @@ def prepare_demo(model_dir: str, train_file: str, dev_file: str, kind: str = "qg
         logger.info(f"demo data written: {paths}")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         build_demo_model(model_dir, train_file, seed)
+
+
+def held_out_pairs(count: int = 8, arguments: str = "finetune_argument.json") -> List[TextPair]:
+    """The first `count` (source, reference) pairs of the demo's dev set, which training never saw: serving them
+    beside their references shows what the demo model really learned. Empty when the demo has not run."""
+    with open(os.path.join(DEMO_CONFIG_DIR, arguments), encoding="utf-8") as handle:
+        flags = json.load(handle)
+    if not os.path.isfile(flags["dev_file"]):
+        return []
+    from tasks import get_task
+
+    task = get_task(flags["task_name"])
+    return read_pairs(flags["dev_file"], lambda record, where: task.to_pairs(record, where, None), limit=count)
 
 
 def _check_demo_paths(paths: Dict[str, str], train_file: str, dev_file: str) -> None:

@@ -12,30 +12,33 @@ from typing import List, Optional, Tuple
 
 import paddle
 from paddlenlp.trainer import PdArgumentParser, TrainingArguments, get_last_checkpoint
-from paddlenlp.utils.log import logger
 
 from tasks import get_task
 
-from .args import FLAG_ALIASES, DataArguments, GenerationArguments, InputError, ModelArguments, check, exit_on_bad_input
+from .args import (
+    FLAG_ALIASES, DataArguments, GenerationArguments, InputError, ModelArguments, check, default_device, exit_on_bad_input,
+)
+from .curves import CURVES_NAME, plot_training_curves
 from .data import read_pairs, summarize_skipped, tokenize_pairs, write_json_lines
-from .demo import prepare_demo
+from .demo import DEMO_CONFIG_DIR, prepare_demo
 from .inputs import GLMCollator
+from .logs import configure as configure_logs, logger
 from .lora import add_lora, merged_model
 from .models.glm import GLMConfig, GLMForConditionalGeneration
+from .named_data import load_named_pairs, named_data_set
 from .tokenizer import load_tokenizer
 from .trainer import GLMTrainer
 
 __all__ = ["parse_arguments", "main"]
 
 SKIPPED_NAME = "skipped_examples.jsonl"  # --skip_invalid_examples: file, line and reason of every skipped line
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks", "configs")
 Arguments = Tuple[ModelArguments, DataArguments, GenerationArguments, TrainingArguments]
 
 
 def parse_arguments(argv: List[str], demo_arguments: str, task_name: str = "dureader_qg") -> Arguments:
     """Flags, or a JSON file of flags followed by flags that override it, or (no arguments) the demo's JSON."""
     parser = PdArgumentParser((ModelArguments, DataArguments, GenerationArguments, TrainingArguments))
-    parser.set_defaults(task_name=task_name)
+    parser.set_defaults(task_name=task_name, device=default_device())
     if not argv:
         logger.info(f"no arguments: running the bundled demo ({demo_arguments})")
         argv = [demo_arguments]
@@ -53,9 +56,11 @@ def parse_arguments(argv: List[str], demo_arguments: str, task_name: str = "dure
 
 @exit_on_bad_input
 def main(argv: Optional[List[str]] = None, demo: str = "finetune_argument.json", task_name: str = "dureader_qg") -> None:
+    configure_logs(argv)
     model_args, data_args, gen_args, training_args = parse_arguments(
-        sys.argv[1:] if argv is None else argv, os.path.join(CONFIG_DIR, "demo", demo), task_name
+        sys.argv[1:] if argv is None else argv, os.path.join(DEMO_CONFIG_DIR, demo), task_name
     )
+    check_precision(training_args)
     paddle.set_device(training_args.device)
     task = get_task(data_args.task_name)
     if model_args.prepare_demo:
@@ -89,6 +94,13 @@ def main(argv: Optional[List[str]] = None, demo: str = "finetune_argument.json",
     run(trainer, model_args, datasets, training_args)
 
 
+def check_precision(training_args: TrainingArguments) -> None:
+    """--fp16 needs a GPU: PaddleNLP would crash deep inside AMP on a CPU."""
+    if training_args.fp16 and training_args.device == "cpu":
+        check(["--fp16 needs a GPU (this Paddle runs on the CPU: it is compiled without CUDA or --device cpu was "
+               "given): drop --fp16, training then runs in float32"])
+
+
 def check_against_model(config, tokenizer, data_args, gen_args, training_args) -> None:
     """Refuse flag values the model (its `config`) cannot serve, before any work starts."""
     problems = []
@@ -104,7 +116,8 @@ def check_against_model(config, tokenizer, data_args, gen_args, training_args) -
         )
     if gen_args.min_tgt_length > data_args.tgt_length:
         problems.append(f"--min_tgt_length {gen_args.min_tgt_length} exceeds --tgt_length {data_args.tgt_length}")
-    if training_args.do_train and not data_args.train_file and not _online_task(data_args):
+    if training_args.do_train and not data_args.train_file and not named_data_set(data_args.task_name,
+                                                                                     data_args.data_name):
         problems.append("--do_train needs --train_file (JSON lines)")
     degree = max(training_args.tensor_parallel_degree, getattr(training_args, "requested_tensor_parallel_degree", -1))
     heads = config.num_attention_heads
@@ -122,10 +135,6 @@ def check_against_model(config, tokenizer, data_args, gen_args, training_args) -
     check(problems)
 
 
-def _online_task(data_args: DataArguments) -> bool:
-    return data_args.task_name == "dureader_qg"
-
-
 def load_datasets(task, data_args: DataArguments, tokenizer, training_args) -> dict:
     """Tokenized splits that the run needs: train (--do_train), dev (--do_eval), test (--do_predict)."""
     wanted = {
@@ -134,14 +143,15 @@ def load_datasets(task, data_args: DataArguments, tokenizer, training_args) -> d
         "test": (training_args.do_predict, data_args.test_file, data_args.max_eval_samples),
     }
     datasets, all_skipped = {}, []
+    named = named_data_set(data_args.task_name, data_args.data_name)
     for split, (needed, path, limit) in wanted.items():
         if not needed:
             continue
         skipped = [] if data_args.skip_invalid_examples else None
         if path:
             pairs = read_pairs(path, lambda record, where: task.to_pairs(record, where, data_args), limit, skipped)
-        elif _online_task(data_args) and split != "test":
-            pairs = _paddlenlp_dureader_pairs(task, split, limit)
+        elif named and split != "test":
+            pairs = load_named_pairs(named, split, lambda record, where: task.to_pairs(record, where, data_args), limit)
         else:
             raise InputError(f"--do_{'eval' if split == 'dev' else 'predict'} needs --{split}_file (JSON lines)")
         if skipped:
@@ -155,15 +165,6 @@ def load_datasets(task, data_args: DataArguments, tokenizer, training_args) -> d
     return datasets
 
 
-def _paddlenlp_dureader_pairs(task, split: str, limit: Optional[int]):
-    """DuReaderQG through `paddlenlp.datasets` (downloads; needs network)."""
-    from paddlenlp.datasets import load_dataset
-
-    records = load_dataset("dureader_qg", splits=[split])
-    pairs = [pair for i, record in enumerate(records) for pair in task.to_pairs(record, f"dureader_qg[{split}][{i}]")]
-    return pairs[:limit] if limit else pairs
-
-
 def run(trainer: GLMTrainer, model_args: ModelArguments, datasets: dict, training_args: TrainingArguments) -> None:
     if training_args.do_train:
         checkpoint = training_args.resume_from_checkpoint
@@ -171,6 +172,7 @@ def run(trainer: GLMTrainer, model_args: ModelArguments, datasets: dict, trainin
             checkpoint = get_last_checkpoint(training_args.output_dir)
         result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model(merge_tensor_parallel=model_args.merge_tensor_parallel)
+        logger.info(f"{'LoRA adapter' if model_args.lora else 'model'} written to {training_args.output_dir}")
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
@@ -181,6 +183,12 @@ def run(trainer: GLMTrainer, model_args: ModelArguments, datasets: dict, trainin
             metrics = trainer.evaluate(datasets[split], metric_key_prefix=prefix)
             trainer.log_metrics(prefix, metrics)
             trainer.save_metrics(prefix, metrics)
+            logger.info(f"{prefix} predictions and scores written to "
+                        f"{os.path.join(training_args.output_dir, prefix + '_predictions.jsonl')}, {prefix}_results.json")
+    curves = os.path.join(training_args.output_dir, CURVES_NAME)
+    if training_args.do_train and trainer.is_world_process_zero() and plot_training_curves(trainer.state.log_history,
+                                                                                           curves):
+        logger.info(f"training curves written to {curves}")
 
 
 def save_merged(trainer: GLMTrainer, output_dir: str, merge_tensor_parallel: bool = False) -> None:

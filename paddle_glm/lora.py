@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 import paddle
 import paddle.nn as nn
 from paddle import Tensor
-from paddlenlp.utils.log import logger
+from .logs import logger
 from paddlenlp.peft import LoRAConfig, LoRAModel
 from paddlenlp.transformers.conversion_utils import split_or_merge_func
 

@@ -14,11 +14,12 @@ from typing import List, Optional, Tuple
 import paddle
 import paddle.distributed as dist
 from paddle.distributed import fleet
-from paddlenlp.utils.log import logger
+from .logs import configure as configure_logs, logger
 
-from .args import exit_on_bad_input
+from .args import default_device, exit_on_bad_input
 from .batch_predict import check_lengths, parse_with_io, predict_records, read_inputs, write_outputs
 from .generation import generate
+from .demo import held_out_pairs
 from .lora import load_with_adapter
 from .models.glm import GLMForConditionalGeneration
 from .tokenizer import load_tokenizer
@@ -38,13 +39,16 @@ class PredictArguments:
         default=None,
         metadata={"help": "Also write the model (LoRA merged in, tensor-parallel shards merged) to this directory."},
     )
-    device: str = field(default="cpu", metadata={"help": "cpu or gpu."})
+    device: Optional[str] = field(
+        default=None, metadata={"help": "cpu or gpu (default: gpu when Paddle is compiled with CUDA and one is visible)."}
+    )
 
 
 @exit_on_bad_input
 def main(argv: Optional[List[str]] = None) -> None:
+    configure_logs(argv)
     args, io, gen_args = parse_with_io(PredictArguments, argv)
-    paddle.set_device(args.device)
+    paddle.set_device(args.device or default_device())
     demo = args.model_name_or_path == DEMO_CHECKPOINT
     if demo and not os.path.exists(DEMO_CHECKPOINT):
         raise SystemExit(f"{DEMO_CHECKPOINT} does not exist yet: run `python finetune_generation.py` (the demo) first")
@@ -53,9 +57,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         gen_args.seed_decoding = 0  # every rank must draw the same samples, or they stop agreeing on the tokens
     tokenizer = load_tokenizer(args.model_name_or_path)
     model = load_model(args, degree, rank)
-    src_length = check_lengths(io, gen_args, model.config.max_sequence_length, use_demo_texts=demo)
+    src_length = check_lengths(io, gen_args, model.config.max_sequence_length)
     decoding = gen_args.decoding_config(tokenizer, max_length=io.tgt_length)
-    outputs = predict_records(read_inputs(io, demo), tokenizer, io, src_length, decoding,
+    outputs = predict_records(read_inputs(io, held_out_pairs() if demo else None), tokenizer, io, src_length, decoding,
                               partial(generate, model, config=decoding))
     if rank == 0:
         write_outputs(io, outputs)

@@ -215,7 +215,7 @@ def test_finetune_script_runs_unchanged_under_paddle_distributed_launch(demo_bas
     import socket
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    argv = _common_flags(demo_base, tmp_path / "out", max_steps=2, max_eval_samples=2)
+    argv = _common_flags(demo_base, tmp_path / "out", max_steps=2, max_eval_samples=2, verbose=True)
     with socket.socket() as probe:  # a free port, so that concurrent launches never collide
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

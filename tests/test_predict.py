@@ -73,7 +73,7 @@ def test_predict_with_lora_adapter_equals_merged_model(demo_base, tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-    ([], "nothing to predict"),
+    (["--text", "x", "--input_file", "x.json"], "give --text or --input_file, not both"),
     (["--text", "x", "--src_length", "250", "--tgt_length", "8"], "must fit the model's 256 positions"),
     (["--text", "x", "--batch_size", "0"], "--batch_size 0"),
     (["--text", "x", "--min_tgt_length", "9", "--tgt_length", "8"], "--min_tgt_length 9 exceeds"),
@@ -81,3 +81,23 @@ def test_predict_with_lora_adapter_equals_merged_model(demo_base, tmp_path):
 def test_predict_refuses_impossible_flags(demo_base, flags, message):
     with pytest.raises(ValueError, match=message):
         main(["--model_name_or_path", demo_base["model"]] + flags)
+
+
+def test_without_texts_the_demo_serves_held_out_examples_beside_their_references(capsys):
+    """The demo's last screen: held-out dev examples with the reference beside the prediction, and their scores."""
+    from paddle_glm.batch_predict import IOArguments, read_inputs, write_outputs
+    from paddle_glm.metrics import generation_metrics
+
+    held_out = [("答案：巴黎，上下文：巴黎是法国的首都。", "法国的首都是哪里?"), ("答案：长江", "途中可以看到哪条河?")]
+    io = IOArguments()
+    records = read_inputs(io, held_out)
+    assert records == [{"src": s, "reference": r} for s, r in held_out]
+    outputs = [{**records[0], "prediction": "法国的首都是哪里?"}, {**records[1], "prediction": "途中可以看到哪座山?"}]
+    write_outputs(io, outputs)
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[:3] == ["1. 答案：巴黎，上下文：巴黎是法国的首都。", "   reference:  法国的首都是哪里?",
+                         "   prediction: 法国的首都是哪里?"]
+    expected = generation_metrics(["法国的首都是哪里?", "途中可以看到哪座山?"], [r for _, r in held_out])
+    assert shown[-1] == (f"BLEU-4 {expected['bleu4']:.2f}, ROUGE-L {expected['rougeL']:.2f} on these 2 held-out "
+                         "examples (they were not trained on)")
+    assert read_inputs(io, None)[0]["src"].startswith("答案：巴黎")  # no demo: the built-in example texts
