@@ -21,10 +21,11 @@ from paddlenlp.transformers import GLMForConditionalGeneration as PaddleNLPGLM
 
 from paddle_glm.decoding import DecodingConfig
 from paddle_glm.generation import generate
-from paddle_glm.models.glm import GLMForConditionalGeneration
+from paddle_glm.models.glm import GLMForConditionalGeneration, GLMSpecialIds, GLMTemplate
 
-# Special ids on glm-large-chinese's vocabulary (see paddle_glm.tokenizer).
+# Special ids on glm-large-chinese's vocabulary (see paddle_glm.models.glm).
 PAD, CLS, SOP, EOP, GMASK = 50000, 50002, 50006, 50007, 50009
+TEMPLATE = GLMTemplate(None, GLMSpecialIds(pad=PAD, cls=CLS, eos=PAD, sop=SOP, eop=EOP, gmask=GMASK, mask_ids=(GMASK,)))
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,12 +59,8 @@ def build_models(layers: int):
 def prompts(batch_size: int, length: int):
     rng = np.random.default_rng(0)
     sources = [[CLS] + rng.integers(100, 40000, length - 3).tolist() + [GMASK, PAD] for _ in range(batch_size)]
-    mask_pos = length - 2
-    ours = [
-        {"input_ids": np.array(s + [SOP]), "position_ids": np.array([list(range(length)) + [mask_pos], [0] * length + [1]])}
-        for s in sources
-    ]
-    return sources, ours, mask_pos
+    ours = [TEMPLATE.generation_example(s) for s in sources]
+    return sources, ours, length - 2
 
 
 def reference_inputs(sources, mask_pos: int, new_tokens: int):

@@ -23,6 +23,7 @@ from export.exporter import export_generation_model
 from infer.runner import GLMRunner
 from paddle_glm.decoding import DecodingConfig
 from paddle_glm.generation import generate
+from paddle_glm.models.glm import GLMTemplate
 
 GRIDS = {
     # (prompt length, batch, beams); "default" keeps PaddleNLP's slowest cases out so it runs in minutes
@@ -83,7 +84,7 @@ def main() -> None:
     args = parse_args()
     ours, reference = build_models(args.layers)
     export_dir = tempfile.mkdtemp(prefix="glm-bench-export-")
-    export_generation_model(ours, FixedTokenizer(), export_dir, "float32", 1024 - args.new_tokens - 1,
+    export_generation_model(ours, GLMTemplate(FixedTokenizer()), export_dir, "float32", 1024 - args.new_tokens - 1,
                             args.new_tokens, onnx="onnxruntime" in args.backends)
     runners = {name: GLMRunner(export_dir, backend=name, cpu_threads=args.cpu_threads)
                for name in args.backends.split(",")}

@@ -1,10 +1,10 @@
 """Training throughput: our fine-tuning path against PaddleNLP's GLM in PaddleNLP's Trainer, same run.
 
 Ours: `paddle_glm.models.glm.GLMForConditionalGeneration` trained by `paddle_glm.trainer.GLMTrainer`, fed by
-`GLMCollator` (each batch padded to its own longest example, part-A length as a 1-D mask) and projecting
+`Collator` (each batch padded to its own longest example, part-A length as a 1-D mask) and projecting
 to the vocabulary only at target positions (`loss_positions_only`, as `GLMTrainer.compute_loss` asks).
 Reference: PaddleNLP's `GLMForConditionalGeneration` in `paddlenlp.trainer.Trainer` with the reference
-example's inputs (`paddle_glm.inputs.padded_training_example`): every example padded to src_length + tgt_length,
+example's inputs (`paddle_glm.models.glm.padded_training_example`): every example padded to src_length + tgt_length,
 a dense [1, S, S] attention mask as its tokenizer's `build_inputs_for_generation` makes it, logits at every
 position, loss with `loss_mask` (`DefaultDataCollator`, as the example). Both: same random weights (state
 dict copied), same synthetic examples in the same order, same batch size and the example's optimisation flags
@@ -43,7 +43,8 @@ from paddlenlp.transformers import GLMForConditionalGeneration as PaddleNLPGLM
 from paddlenlp.utils.log import logger
 
 from paddle_glm.demo import DEMO_MODEL_CONFIG
-from paddle_glm.inputs import GLMCollator, GLMSpecialIds, build_source_ids, padded_training_example, training_example
+from paddle_glm.inputs import Collator
+from paddle_glm.models.glm import GLMSpecialIds, GLMTemplate, padded_training_example
 from paddle_glm.models.glm import GLMForConditionalGeneration
 from paddle_glm.trainer import GLMTrainer
 
@@ -126,9 +127,11 @@ class Case:
         return f"{model}, {self.mix} ({self.src_length}+{self.tgt_length}), batch {self.batch}"
 
 
-def special_ids(text_vocab: int) -> GLMSpecialIds:
+def template_for(text_vocab: int) -> GLMTemplate:
+    """GLM's template over a vocabulary of `text_vocab` pieces followed by GLM's special tokens."""
     pad = text_vocab  # <|endoftext|> is also the pad token
-    return GLMSpecialIds(pad=pad, cls=pad + 2, eos=pad, sop=pad + 6, eop=pad + 7, gmask=pad + 9, mask_ids=(pad + 9,))
+    special = GLMSpecialIds(pad=pad, cls=pad + 2, eos=pad, sop=pad + 6, eop=pad + 7, gmask=pad + 9, mask_ids=(pad + 9,))
+    return GLMTemplate(None, special)
 
 
 def synthetic_pairs(case: Case, count: int, text_vocab: int, seed: int) -> List[Tuple[List[int], List[int]]]:
@@ -240,11 +243,11 @@ def timed_round(make_trainer, steps: int, warmup: int) -> Tuple[float, float]:
 
 def trainer_factories(case: Case, ours, reference, our_data, reference_data, args, output_dir: str):
     """Two functions max_steps -> a fresh trainer: ours (GLMTrainer) and the reference (PaddleNLP's Trainer)."""
-    pad = special_ids(MODELS[case.model]["text_vocab"]).pad
+    pad = template_for(MODELS[case.model]["text_vocab"]).pad_id
 
     def our_trainer(max_steps: int):
         return OurTrainer(model=ours, args=training_arguments(output_dir, case.batch, max_steps, args.seed),
-                          train_dataset=our_data, data_collator=GLMCollator(pad),
+                          train_dataset=our_data, data_collator=Collator(pad),
                           label_smoothing=args.label_smoothing)
 
     def reference_trainer(max_steps: int):
@@ -358,11 +361,11 @@ def print_profile(events: List[dict], steps: int, top: int) -> None:
 def prepare_data(case: Case, args):
     """The same synthetic examples in both layouts: (ours, reference) datasets of one epoch of `--steps` batches."""
     text_vocab = MODELS[case.model]["text_vocab"]
-    special = special_ids(text_vocab)
+    template = template_for(text_vocab)
     pairs = synthetic_pairs(case, args.steps * case.batch, text_vocab, args.seed)
-    sources = [build_source_ids(text, special, case.src_length) for text, _ in pairs]
-    return (ListDataset([training_example(s, g, special, case.tgt_length) for s, (_, g) in zip(sources, pairs)]),
-            ListDataset([padded_training_example(s, g, special, case.src_length, case.tgt_length)
+    sources = [template.render_cut(text, case.src_length - 3) for text, _ in pairs]
+    return (ListDataset([template.training_example(s, g, case.tgt_length) for s, (_, g) in zip(sources, pairs)]),
+            ListDataset([padded_training_example(template, s, g, case.src_length, case.tgt_length)
                          for s, (_, g) in zip(sources, pairs)]))
 
 
@@ -393,9 +396,9 @@ def run_case(case: Case, args) -> dict:
     """Loss check, timing (and profile) of one model / data mix; prints its details, returns its row."""
     ours, reference, shape = build_models(case, args.label_smoothing, args.seed)
     our_data, reference_data = prepare_data(case, args)
-    pad = special_ids(MODELS[case.model]["text_vocab"]).pad
+    pad = template_for(MODELS[case.model]["text_vocab"]).pad_id
     first = slice(0, case.batch)
-    losses = first_batch_losses(ours, reference, GLMCollator(pad)(our_data.features[first]),
+    losses = first_batch_losses(ours, reference, Collator(pad)(our_data.features[first]),
                                 DefaultDataCollator()(reference_data.features[first]), args.label_smoothing)
     flops = case_flops(case, shape, our_data.features)
     targets = float(sum(f["loss_mask"].sum() for f in our_data.features))

@@ -1,15 +1,15 @@
-"""Export a GLM for serving: static prefill and decode graphs with K/V cache inputs and outputs.
+"""Export a model of any family for serving: static prefill and decode graphs with K/V cache inputs and outputs.
 
 The reference freezes greedy decoding for 20 tokens into one graph. Here the graphs only compute
 next-token logits and the new cache; every decoding strategy and setting is chosen at run time by
 the runner (`infer/`), through the same `paddle_glm.decoding` that training evaluation uses.
 
 An export directory holds:
-- `prefill.json` / `prefill.pdiparams`: (input_ids [B, S], position_ids [B, 2, S], attention_mask
-  [B, 1, S, S]) -> (logits [B, V] of the last position, cache [L, 2, B, S, heads, head_dim]);
-- `decode.json` / `decode.pdiparams`: (input_ids [B, 1], position_ids [B, 2, 1], attention_mask
-  [B, 1, 1, T + 1], cache [L, 2, B, T, heads, head_dim]) -> (logits [B, V], cache [L, 2, B, T + 1, ...]);
-- the tokenizer files and `export_config.json` (format version, shapes, dtype, lengths, special ids).
+- `prefill.json` / `prefill.pdiparams`: (input_ids [B, S], position_ids [B, 2, S] (2-D families) or [B, S],
+  attention_mask [B, 1, S, S]) -> (logits [B, V] of the last position, cache [L, 2, B, S, kv_heads, head_dim]);
+- `decode.json` / `decode.pdiparams`: (input_ids [B, 1], position_ids [B, 2, 1] or [B, 1], attention_mask
+  [B, 1, 1, T + 1], cache [L, 2, B, T, kv_heads, head_dim]) -> (logits [B, V], cache [L, 2, B, T + 1, ...]);
+- the tokenizer files and `export_config.json` (format version, family, shapes, dtype, lengths, special ids).
 """
 from __future__ import annotations
 
@@ -26,12 +26,11 @@ from paddle_glm.logs import configure as configure_logs, logger
 
 from paddle_glm.args import VERBOSE_HELP, check, exit_on_bad_input
 from paddle_glm.lora import load_with_adapter
-from paddle_glm.models.glm import GLMMLP, GLMForConditionalGeneration
-from paddle_glm.tokenizer import load_tokenizer
+from paddle_glm.models import Family, family_of
 
 __all__ = ["ExportArguments", "export_generation_model", "main", "EXPORT_FORMAT_VERSION", "GRAPHS"]
 
-EXPORT_FORMAT_VERSION = 1
+EXPORT_FORMAT_VERSION = 2  # 2: any family (`family`, `kv_heads`, the template's special ids)
 GRAPHS = ("prefill", "decode")
 CONFIG_NAME = "export_config.json"
 
@@ -61,7 +60,7 @@ class ExportArguments:
 class PrefillGraph(paddle.nn.Layer):
     """The prompt pass: last-position logits and the whole K/V cache, stacked into one tensor."""
 
-    def __init__(self, model: GLMForConditionalGeneration):
+    def __init__(self, model: paddle.nn.Layer):
         super().__init__()
         self.model = model
 
@@ -71,12 +70,12 @@ class PrefillGraph(paddle.nn.Layer):
 
 
 class DecodeGraph(paddle.nn.Layer):
-    """One step over new tokens with the stacked cache [L, 2, B, T, heads, head_dim]."""
+    """One step over new tokens with the stacked cache [L, 2, B, T, kv_heads, head_dim]."""
 
-    def __init__(self, model: GLMForConditionalGeneration):
+    def __init__(self, model: paddle.nn.Layer, num_layers: int):
         super().__init__()
         self.model = model
-        self.num_layers = model.config.num_layers
+        self.num_layers = num_layers
 
     def forward(self, input_ids, position_ids, attention_mask, cache):
         layers = [(cache[i, 0], cache[i, 1]) for i in range(self.num_layers)]
@@ -92,36 +91,37 @@ def _stack(cache):
     return paddle.stack([paddle.stack([key, value]) for key, value in cache])
 
 
-def input_specs(config, dtype: str):
-    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+def input_specs(family: Family, config, dtype: str):
+    """Graph inputs; positions are [B, 2, S] for 2-D families, [B, S] for 1-D ones."""
+    positions = [None, 2, None] if family.position_rows == 2 else [None, None]
     common = [
         InputSpec([None, None], "int64", "input_ids"),
-        InputSpec([None, 2, None], "int64", "position_ids"),
+        InputSpec(positions, "int64", "position_ids"),
         InputSpec([None, 1, None, None], "float32", "attention_mask"),
     ]
-    cache = InputSpec([config.num_layers, 2, None, None, heads, head_dim], dtype, "cache")
-    return {"prefill": common, "decode": common + [cache]}
+    cache_shape = [family.num_layers(config), 2, None, None, family.kv_heads(config), family.head_dim(config)]
+    return {"prefill": common, "decode": common + [InputSpec(cache_shape, dtype, "cache")]}
 
 
 def export_generation_model(
-    model: GLMForConditionalGeneration, tokenizer, output_path: str, dtype: str, src_length: int, tgt_length: int,
+    model: paddle.nn.Layer, template, output_path: str, dtype: str, src_length: int, tgt_length: int,
     onnx: bool = False,
 ) -> dict:
     """Write the graphs, the tokenizer and `export_config.json`; returns the config written."""
+    family = family_of(model.config)
     os.makedirs(output_path, exist_ok=True)
     model.eval()
-    for layer in model.sublayers():
-        if isinstance(layer, GLMMLP):
-            layer.gelu_as_formula = True  # survives paddle2onnx exactly (see GLMMLP)
+    family.prepare_export(model)
     if dtype != "float32":
         model.to(dtype=dtype)
-    specs = input_specs(model.config, dtype)
-    for name, graph in (("prefill", PrefillGraph(model)), ("decode", DecodeGraph(model))):
+    specs = input_specs(family, model.config, dtype)
+    graphs = (("prefill", PrefillGraph(model)), ("decode", DecodeGraph(model, family.num_layers(model.config))))
+    for name, graph in graphs:
         static = paddle.jit.to_static(graph, input_spec=specs[name], full_graph=True)
         paddle.jit.save(static, os.path.join(output_path, name))
         logger.info(f"exported {name} graph to {output_path}")
-    tokenizer.save_pretrained(output_path)
-    config = export_config(model.config, tokenizer, dtype, src_length, tgt_length)
+    template.tokenizer.save_pretrained(output_path)
+    config = export_config(family, model.config, template, dtype, src_length, tgt_length)
     with open(os.path.join(output_path, CONFIG_NAME), "w", encoding="utf-8") as handle:
         json.dump(config, handle, indent=2)
     if onnx:
@@ -141,24 +141,22 @@ def convert_to_onnx(output_path: str, opset_version: int = 17) -> None:
         logger.info(f"exported {name}.onnx")
 
 
-def export_config(config, tokenizer, dtype: str, src_length: int, tgt_length: int) -> dict:
+def export_config(family: Family, config, template, dtype: str, src_length: int, tgt_length: int) -> dict:
     return {
         "format_version": EXPORT_FORMAT_VERSION,
+        "family": family.name,
         "graphs": {name: name for name in GRAPHS},
         "dtype": dtype,
-        "num_layers": config.num_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "head_dim": config.hidden_size // config.num_attention_heads,
-        "vocab_size": config.vocab_size,
-        "tokenizer_size": len(tokenizer),
-        "max_sequence_length": config.max_sequence_length,
+        "num_layers": family.num_layers(config),
+        "num_attention_heads": int(config.num_attention_heads),
+        "kv_heads": family.kv_heads(config),
+        "head_dim": family.head_dim(config),
+        "vocab_size": int(config.vocab_size),
+        "tokenizer_size": template.tokenizer_size,
+        "max_sequence_length": family.max_positions(config),
         "src_length": src_length,
         "tgt_length": tgt_length,
-        "special_ids": {
-            "pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id, "cls": tokenizer.cls_token_id,
-            "sop": tokenizer.sop_token_id, "eop": tokenizer.eop_token_id, "gmask": tokenizer.gmask_token_id,
-            "smask": tokenizer.smask_token_id, "mask": tokenizer.mask_token_id,
-        },
+        "special_ids": template.special_ids(),
     }
 
 
@@ -170,19 +168,20 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not os.path.exists(args.model_name_or_path) and args.model_name_or_path == ExportArguments.model_name_or_path:
         raise SystemExit(f"{args.model_name_or_path} does not exist yet: run `python finetune_generation.py` first")
     model = load_with_adapter(args.model_name_or_path, args.lora_path)
-    src_length = args.src_length or model.config.max_sequence_length - args.tgt_length
+    family = family_of(model.config)
+    positions = family.max_positions(model.config)
+    src_length = args.src_length or positions - args.tgt_length
     problems = []
     if args.dtype not in ("float32", "float16", "bfloat16"):
         problems.append(f"--dtype {args.dtype}: use float32, float16 or bfloat16")
     if args.dtype == "float16" and not paddle.is_compiled_with_cuda():
         problems.append("--dtype float16 needs a GPU build of Paddle to trace (CPU has no float16 kernels): "
                         "export on a GPU machine, or use bfloat16")
-    if src_length < 4 or src_length + args.tgt_length > model.config.max_sequence_length:
+    if src_length < 4 or src_length + args.tgt_length > positions:
         problems.append(f"--src_length {src_length} + --tgt_length {args.tgt_length} must fit the model's "
-                        f"{model.config.max_sequence_length} positions")
+                        f"{positions} positions")
     check(problems)
-    config = export_generation_model(
-        model, load_tokenizer(args.model_name_or_path), args.output_path, args.dtype, src_length, args.tgt_length,
-        args.onnx,
-    )
+    template = family.template(family.load_tokenizer(args.model_name_or_path))
+    config = export_generation_model(model, template, args.output_path, args.dtype, src_length, args.tgt_length,
+                                     args.onnx)
     logger.info(f"export written to {args.output_path}: {json.dumps({k: config[k] for k in ('dtype', 'src_length', 'tgt_length')})}")

@@ -1,4 +1,4 @@
-"""Serve an exported GLM through a C++ engine, decoding with settings chosen at run time.
+"""Serve an exported model (any family) through a C++ engine, decoding with settings chosen at run time.
 
     python infer_generation.py                                   # the demo export, a few demo texts
     python infer_generation.py --model_path EXPORT_DIR --text "答案：...，上下文：..." --num_beams 5
@@ -17,7 +17,6 @@ from paddle_glm.decoding import DecodingConfig, GenerationResult, generate
 from paddle_glm.demo import held_out_pairs
 from paddle_glm.inputs import Example, generation_batch
 from paddle_glm.logs import configure as configure_logs
-from paddle_glm.tokenizer import load_tokenizer
 
 from export.exporter import CONFIG_NAME, EXPORT_FORMAT_VERSION
 
@@ -45,14 +44,22 @@ class InferArguments:
 
 
 class GLMRunner:
-    """An exported GLM behind an engine: prompts in, `GenerationResult` out."""
+    """An exported model of any GLM family behind an engine: prompts in, `GenerationResult` out."""
 
     def __init__(self, export_dir: str, backend: str = "paddle", device: str = "cpu",
                  cpu_threads: Optional[int] = None):
+        self.export_dir = export_dir
         self.config = read_export_config(export_dir)
         graphs = self.config["graphs"]
         check_graph_files(export_dir, graphs, backend)
         self.engine = create_engine(backend, export_dir, graphs, device, cpu_threads)
+
+    def template(self):
+        """The exported family's template over the tokenizer saved with the export."""
+        from paddle_glm.models import FAMILIES
+
+        family = FAMILIES[self.config["family"]]
+        return family.template(family.load_tokenizer(self.export_dir))
 
     def generate(self, prompts: List[Example], decoding: DecodingConfig) -> GenerationResult:
         batch = generation_batch(prompts, decoding.pad_token_id)
@@ -117,8 +124,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     check([f"--{name} {getattr(io, name)} exceeds the export's {export[name]}: export again with a larger one"
            for name in ("src_length", "tgt_length") if getattr(io, name) > export[name]])
     src_length = check_lengths(io, gen_args, export["src_length"] + export["tgt_length"])
-    tokenizer = load_tokenizer(export_dir)
-    decoding = gen_args.decoding_config(tokenizer, max_length=io.tgt_length)
-    outputs = predict_records(read_inputs(io, held_out_pairs() if demo else None), tokenizer, io, src_length, decoding,
+    template = runner.template()
+    decoding = gen_args.decoding_config(template, max_length=io.tgt_length)
+    outputs = predict_records(read_inputs(io, held_out_pairs() if demo else None), template, io, src_length, decoding,
                               lambda prompts: runner.generate(prompts, decoding))
     write_outputs(io, outputs)

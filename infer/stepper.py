@@ -1,22 +1,22 @@
-"""The `Stepper` over an exported GLM: positions and masks from `GLMStepper`, the cache as one numpy array."""
+"""The `Stepper` over an exported model: positions and masks from `CachedStepper`, the cache as one numpy array."""
 from __future__ import annotations
 
 from typing import Dict
 
 import numpy as np
 
-from paddle_glm.stepper import GLMStepper
+from paddle_glm.stepper import CachedStepper
 
 __all__ = ["ExportedStepper"]
 
 
-class ExportedStepper(GLMStepper):
+class ExportedStepper(CachedStepper):
     """Runs the prefill graph once, then the decode graph per token; beams reorder the cache rows."""
 
     def __init__(self, engine, batch: Dict[str, np.ndarray], cache_dtype: str = "float32"):
         super().__init__(batch)
         self.engine = engine
-        self.cache = None  # [layers, 2, rows, tokens, heads, head_dim]
+        self.cache = None  # [layers, 2, rows, tokens, kv_heads, head_dim]
         self.cache_dtype = cache_dtype
 
     def _forward(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,

@@ -94,9 +94,10 @@ class ModelArguments:
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r (also accepted as --r)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha: adapters are scaled by alpha / rank."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    lora_target_modules: List[str] = field(
-        default_factory=lambda: [".*query_key_value.*"],
-        metadata={"help": "Regular expressions of the linear layers that get adapters (full sublayer names)."},
+    lora_target_modules: Optional[List[str]] = field(
+        default=None,
+        metadata={"help": "Regular expressions of the linear layers that get adapters (full sublayer names); default: "
+                          "the family's (every family: the fused QKV projection, '.*query_key_value.*')."},
     )
     lora_path: Optional[str] = field(
         default=None, metadata={"help": "Continue training (or evaluate) an existing LoRA adapter directory."}
@@ -245,8 +246,9 @@ class GenerationArguments:
         ]
         check([message for bad, message in checks if bad])
 
-    def decoding_config(self, tokenizer, max_length: int) -> DecodingConfig:
-        """The decoding settings for `paddle_glm.decoding`, validated there."""
+    def decoding_config(self, template, max_length: int) -> DecodingConfig:
+        """The decoding settings for `paddle_glm.decoding` with the family's stop and pad tokens (`template`, a
+        `models.Template`), validated there."""
         config = DecodingConfig(
             decode_strategy=self.decode_strategy,
             num_beams=self.num_beams if self.decode_strategy == "beam_search" else 1,
@@ -261,9 +263,9 @@ class GenerationArguments:
             repetition_penalty=self.repetition_penalty,
             seed=self.seed_decoding,
             num_return_sequences=self.num_return_sequences,
-            eos_token_id=tokenizer.eop_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            tokenizer_size=len(tokenizer),
+            eos_token_id=template.stop_ids,
+            pad_token_id=template.pad_id,
+            tokenizer_size=template.tokenizer_size,
         )
         config.validate()
         return config

@@ -18,9 +18,9 @@ from .logs import logger
 from tqdm import tqdm
 
 from .args import VERBOSE_HELP, GenerationArguments, check
-from .data import DataError, TextPair, encode, read_json_lines, text_field, write_json_lines
+from .data import DataError, TextPair, read_json_lines, text_field, write_json_lines
 from .decoding import DecodingConfig, GenerationResult
-from .inputs import Example, GLMSpecialIds, build_source_ids, generation_example
+from .inputs import Example
 from .metrics import generation_metrics
 
 __all__ = ["IOArguments", "parse_with_io", "read_inputs", "check_lengths", "predict_records", "write_outputs",
@@ -124,11 +124,10 @@ def read_inputs(io: IOArguments, held_out: Optional[List[TextPair]] = None) -> L
             else {io.source_field: text} for index, text in enumerate(texts)]
 
 
-def predict_records(records: List[dict], tokenizer, io: IOArguments, src_length: int, decoding: DecodingConfig,
+def predict_records(records: List[dict], template, io: IOArguments, src_length: int, decoding: DecodingConfig,
                     decode_batch: DecodeBatch) -> List[dict]:
     """Each record plus its `prediction` (a list when several sequences are returned), in input order; an
     `InvalidInput` is passed through with its `error` (and a warning) instead."""
-    special = GLMSpecialIds.from_tokenizer(tokenizer)
     per_prompt = decoding.num_return_sequences
     outputs: List[Optional[dict]] = [dict(r) if isinstance(r, InvalidInput) else None for r in records]
     valid = [index for index, record in enumerate(records) if not isinstance(record, InvalidInput)]
@@ -137,17 +136,16 @@ def predict_records(records: List[dict], tokenizer, io: IOArguments, src_length:
         batch = valid[start:start + io.batch_size]
         prompts = []
         for index in batch:
-            ids = encode(tokenizer, records[index][io.source_field])
-            truncated += len(ids) > src_length - 3  # [CLS] text [gMASK] <|endoftext|>
-            prompts.append(generation_example(build_source_ids(ids, special, src_length), special))
+            ids, cut = template.prompt_ids(records[index][io.source_field], (), src_length)
+            truncated += cut
+            prompts.append(template.generation_example(ids))
         sequences = decode_batch(prompts).sequences
         for position, index in enumerate(batch):
-            texts = [tokenizer.decode(s, skip_special_tokens=True)
+            texts = [template.decode(s)
                      for s in sequences[position * per_prompt:(position + 1) * per_prompt]]
             outputs[index] = {**records[index], "prediction": texts[0] if per_prompt == 1 else texts}
             if "reference" in outputs[index]:  # scored as training evaluation scores: through the tokenizer
-                outputs[index]["reference"] = tokenizer.decode(encode(tokenizer, outputs[index]["reference"]),
-                                                               skip_special_tokens=True)
+                outputs[index]["reference"] = template.decode(template.target_ids(outputs[index]["reference"]))
     if truncated:
         logger.warning(f"truncated {truncated} of {len(valid)} sources to --src_length {src_length} tokens "
                        "(their end dropped)")

@@ -554,7 +554,7 @@ def hf_config(config: GLMConfig, dtype: str) -> Dict[str, Any]:
 
 def _tokenizer(spm_file: str, config: GLMConfig) -> Any:
     """GLM's tokenizer over `spm_file`, checked to fit the model's vocabulary."""
-    from .tokenizer import tokenizer_from_sentencepiece
+    from .models.glm import tokenizer_from_sentencepiece
 
     try:
         tokenizer = tokenizer_from_sentencepiece(spm_file)

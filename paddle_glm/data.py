@@ -1,8 +1,8 @@
 """Reading JSON-lines data sets with errors that name the file, the line and the field.
 
-A task module (see `tasks/`) turns one JSON record into (source, target) text pairs; this module
-reads the records, tokenizes the pairs into GLM examples and keeps the texts that evaluation
-needs to write readable predictions.
+A task module (see `tasks/`) turns one JSON record into (source, target) text pairs (with the dialogue history
+when there is one); this module reads the records, turns the pairs into model examples through the family's
+template and keeps the texts that evaluation needs to write readable predictions.
 """
 from __future__ import annotations
 
@@ -11,19 +11,26 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from .logs import logger
 
 from .args import InputError
-from .inputs import GLMSpecialIds, build_source_ids, generation_example, training_example
 
 __all__ = [
     "DataError", "read_json_lines", "write_json_lines", "text_field", "TextPair", "GLMDataset", "tokenize_pairs",
-    "read_pairs", "summarize_skipped", "MAX_LINE_BYTES", "encode",
+    "read_pairs", "summarize_skipped", "MAX_LINE_BYTES", "Sample",
 ]
 
-TextPair = Tuple[str, str]  # (source text, target text)
+class Sample(NamedTuple):
+    """One (source, target) pair; in a dialogue the source is the last query and `history` the rounds before it."""
+
+    source: str
+    target: str
+    history: Tuple[Tuple[str, str], ...] = ()
+
+
+TextPair = Union[Tuple[str, str], Sample]  # what tasks return: (source, target) or a Sample
 
 
 class DataError(InputError):
@@ -155,36 +162,29 @@ class GLMDataset:
         return self.features[index]
 
 
-def tokenize_pairs(
-    pairs: List[TextPair], tokenizer, src_length: int, tgt_length: int, truncation_side: str = "right"
-) -> GLMDataset:
-    """GLM training examples (for training and eval loss) and generation prompts for `pairs`."""
-    special = GLMSpecialIds.from_tokenizer(tokenizer)
+def tokenize_pairs(pairs: List[TextPair], template, src_length: int, tgt_length: int) -> GLMDataset:
+    """Training examples (for training and eval loss) and generation prompts for `pairs`, through the family's
+    `template` (a `models.Template`): its prompt format and chat template, positions and masks."""
     dataset = GLMDataset(features=[])
     truncated_sources = truncated_targets = 0
-    for source, target in pairs:
-        text_ids = encode(tokenizer, source)
-        target_ids = encode(tokenizer, target)
-        truncated_sources += len(text_ids) > src_length - 3
+    for pair in pairs:
+        sample = Sample(*pair)
+        prompt_ids, cut = template.prompt_ids(sample.source, sample.history, src_length)
+        target_ids = template.target_ids(sample.target)
+        truncated_sources += cut
         truncated_targets += len(target_ids) > tgt_length - 1
-        source_ids = build_source_ids(text_ids, special, src_length, truncation_side)
-        dataset.features.append(training_example(source_ids, target_ids, special, tgt_length))
-        dataset.prompts.append(generation_example(source_ids, special))
-        dataset.sources.append(source)
-        dataset.targets.append(target)
-        dataset.references.append(tokenizer.decode(target_ids[: tgt_length - 1], skip_special_tokens=True))
+        dataset.features.append(template.training_example(prompt_ids, target_ids, tgt_length))
+        dataset.prompts.append(template.generation_example(prompt_ids))
+        dataset.sources.append(sample.source)
+        dataset.targets.append(sample.target)
+        dataset.references.append(template.decode(target_ids[: tgt_length - 1]))
     if truncated_sources or truncated_targets:
         logger.warning(
-            f"truncated {truncated_sources} of {len(pairs)} sources to --src_length {src_length} "
-            f"(their {truncation_side} end dropped) and {truncated_targets} targets to --tgt_length {tgt_length} "
+            f"truncated {truncated_sources} of {len(pairs)} sources to --src_length {src_length} (dialogue history "
+            f"first, then the end of the text) and {truncated_targets} targets to --tgt_length {tgt_length} "
             "(their end dropped)"
         )
     return dataset
-
-
-def encode(tokenizer, text: str) -> List[int]:
-    """The ids of `text` without special tokens."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def read_pairs(path: str, to_pairs: Callable[[dict, str], List[TextPair]], limit: Optional[int] = None,

@@ -8,7 +8,7 @@ greedy and beam search give the same tokens as `model.generate`. This module mus
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Protocol, Tuple
+from typing import Callable, List, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -32,9 +32,10 @@ class Stepper(Protocol):
 
 @dataclass
 class DecodingConfig:
-    """What to generate; lengths count NEW tokens only. eos and pad ids are required (no silent defaults)."""
+    """What to generate; lengths count NEW tokens only. eos and pad ids are required (no silent defaults).
+    `eos_token_id` may be several ids (ChatGLM3 stops at eos, `<|user|>` and `<|observation|>`)."""
 
-    eos_token_id: int
+    eos_token_id: Union[int, Sequence[int]]
     pad_token_id: int
     decode_strategy: str = "greedy_search"
     max_length: int = 20
@@ -53,6 +54,10 @@ class DecodingConfig:
     # Ids at or above this are never generated: GLM's embeddings have rows past the tokenizer (50048 vs 50010)
     # that no text decodes to. None: every id may be generated.
     tokenizer_size: Optional[int] = None
+
+    @property
+    def eos_ids(self) -> Tuple[int, ...]:
+        return (self.eos_token_id,) if np.isscalar(self.eos_token_id) else tuple(self.eos_token_id)
 
     def validate(self) -> None:
         """Raise one ValueError naming every bad field and its fix, so a config is corrected in one go."""
@@ -80,9 +85,9 @@ class DecodingConfig:
              f"no_repeat_ngram_size={self.no_repeat_ngram_size}: must be >= 0; 0 disables it"),
             (not self.repetition_penalty > 0,
              f"repetition_penalty={self.repetition_penalty}: must be > 0; 1 disables it"),
-            (self.eos_token_id < 0, f"eos_token_id={self.eos_token_id}: must be a token id >= 0"),
+            (not self.eos_ids or min(self.eos_ids) < 0, f"eos_token_id={self.eos_token_id}: must be token ids >= 0"),
             (self.pad_token_id < 0, f"pad_token_id={self.pad_token_id}: must be a token id >= 0"),
-            (self.tokenizer_size is not None and self.tokenizer_size <= self.eos_token_id,
+            (self.tokenizer_size is not None and self.tokenizer_size <= max(self.eos_ids, default=-1),
              f"tokenizer_size={self.tokenizer_size}: must exceed eos_token_id={self.eos_token_id}, or eos never comes"),
             (self.beam_candidates not in ("top", "sample"),
              f"beam_candidates={self.beam_candidates!r}: use 'top' or 'sample'"),
@@ -138,7 +143,7 @@ def _process(scores: np.ndarray, generated: np.ndarray, config: DecodingConfig) 
     if config.tokenizer_size is not None:
         scores[:, config.tokenizer_size:] = -np.inf
     if generated.shape[1] < config.min_length:
-        scores[:, config.eos_token_id] = -np.inf
+        scores[:, list(config.eos_ids)] = -np.inf
     if config.repetition_penalty != 1.0 and generated.size:
         seen = np.zeros(scores.shape, dtype=bool)
         np.put_along_axis(seen, generated, True, axis=1)
@@ -231,16 +236,16 @@ def _decode_rows(
         logprob_sum += np.where(finished, 0.0, logprobs)
         counted += ~finished
         generated = np.concatenate([generated, tokens[:, None]], axis=1)
-        finished |= tokens == config.eos_token_id
+        finished |= np.isin(tokens, config.eos_ids)
         if finished.all() or step == config.max_length - 1:
             break  # before feeding a token nobody will read
         logits = stepper.step(tokens)
-    sequences = [_until_eos(row, config.eos_token_id) for row in generated.tolist()]
+    sequences = [_until_eos(row, config.eos_ids) for row in generated.tolist()]
     return GenerationResult(sequences, logprob_sum / counted)
 
 
-def _until_eos(tokens: List[int], eos_token_id: int) -> List[int]:
-    return tokens[: tokens.index(eos_token_id)] if eos_token_id in tokens else tokens
+def _until_eos(tokens: List[int], eos_ids: Tuple[int, ...]) -> List[int]:
+    return next((tokens[:i] for i, token in enumerate(tokens) if token in eos_ids), tokens)
 
 
 # ---------------------------------------------------------------- beam search
@@ -308,7 +313,7 @@ def _advance(
     beam_scores: List[float] = []
     for rank, (candidate, score) in enumerate(zip(candidates.tolist(), scores.tolist())):
         row, token = first_row + candidate // vocab, candidate % vocab
-        if token != config.eos_token_id:
+        if token not in config.eos_ids:
             sources.append(row)
             tokens.append(token)
             beam_scores.append(score)

@@ -11,13 +11,12 @@ import os
 from typing import Dict, List
 
 import paddle
-from .logs import logger
 import sentencepiece as spm
 
 from .data import TextPair, read_pairs
 from .demo_data import demo_texts, write_demo_splits
-from .models.glm import GLMConfig, GLMForConditionalGeneration
-from .tokenizer import tokenizer_from_sentencepiece
+from .logs import logger
+from .models.glm import GLMConfig, GLMForConditionalGeneration, tokenizer_from_sentencepiece
 
 __all__ = ["DEMO_MODEL_CONFIG", "DEMO_CONFIG_DIR", "prepare_demo", "held_out_pairs"]
 

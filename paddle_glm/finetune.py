@@ -21,12 +21,11 @@ from .args import (
 from .curves import CURVES_NAME, plot_training_curves
 from .data import read_pairs, summarize_skipped, tokenize_pairs, write_json_lines
 from .demo import DEMO_CONFIG_DIR, prepare_demo
-from .inputs import GLMCollator
+from .inputs import Collator
 from .logs import configure as configure_logs, logger
 from .lora import add_lora, merged_model
-from .models.glm import GLMConfig, GLMForConditionalGeneration
+from .models import family_of
 from .named_data import load_named_pairs, named_data_set
-from .tokenizer import load_tokenizer
 from .trainer import GLMTrainer
 
 __all__ = ["parse_arguments", "main"]
@@ -67,10 +66,12 @@ def main(argv: Optional[List[str]] = None, demo: str = "finetune_argument.json",
         prepare_demo(model_args.model_name_or_path, data_args.train_file, data_args.dev_file,
                      kind="belle" if task.NAME == "belle" else "qg", seed=training_args.seed)
 
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
-    check_against_model(GLMConfig.from_pretrained(model_args.model_name_or_path), tokenizer, data_args, gen_args,
-                        training_args)
-    model = GLMForConditionalGeneration.from_pretrained(
+    family = family_of(model_args.model_name_or_path)
+    tokenizer = family.load_tokenizer(model_args.model_name_or_path)
+    template = family.template(tokenizer)
+    check_against_model(family, family.config_class.from_pretrained(model_args.model_name_or_path), tokenizer,
+                        data_args, gen_args, training_args)
+    model = family.model_class.from_pretrained(
         model_args.model_name_or_path,
         tensor_parallel_degree=training_args.tensor_parallel_degree,
         tensor_parallel_rank=training_args.tensor_parallel_rank,
@@ -79,17 +80,17 @@ def main(argv: Optional[List[str]] = None, demo: str = "finetune_argument.json",
     if model_args.lora:
         model = add_lora(model, model_args)
 
-    datasets = load_datasets(task, data_args, tokenizer, training_args)
+    datasets = load_datasets(task, data_args, template, training_args)
     trainer = GLMTrainer(
         model=model,
         args=training_args,
         train_dataset=datasets.get("train"),
         eval_dataset=datasets.get("dev"),
         tokenizer=tokenizer,
-        data_collator=GLMCollator(tokenizer.pad_token_id),
+        data_collator=Collator(template.pad_id),
         label_smoothing=model_args.label_smoothing,
         lr_decay_ratio=model_args.lr_decay_ratio,
-        decoding=gen_args.decoding_config(tokenizer, max_length=data_args.tgt_length),
+        decoding=gen_args.decoding_config(template, max_length=data_args.tgt_length),
     )
     run(trainer, model_args, datasets, training_args)
 
@@ -101,18 +102,18 @@ def check_precision(training_args: TrainingArguments) -> None:
                "given): drop --fp16, training then runs in float32"])
 
 
-def check_against_model(config, tokenizer, data_args, gen_args, training_args) -> None:
-    """Refuse flag values the model (its `config`) cannot serve, before any work starts."""
+def check_against_model(family, config, tokenizer, data_args, gen_args, training_args) -> None:
+    """Refuse flag values the model (its family and `config`) cannot serve, before any work starts."""
     problems = []
     if len(tokenizer) > config.vocab_size:
         problems.append(f"the tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size} embeddings")
-    if data_args.tgt_length >= config.max_sequence_length:
-        problems.append(f"--tgt_length {data_args.tgt_length} exceeds the model's {config.max_sequence_length} "
-                        "positions: lower it")
-    elif data_args.src_length + data_args.tgt_length > config.max_sequence_length:
+    positions = family.max_positions(config)
+    if data_args.tgt_length >= positions:
+        problems.append(f"--tgt_length {data_args.tgt_length} exceeds the model's {positions} positions: lower it")
+    elif data_args.src_length + data_args.tgt_length > positions:
         problems.append(
             f"--src_length {data_args.src_length} + --tgt_length {data_args.tgt_length} exceeds the model's "
-            f"{config.max_sequence_length} positions: lower one of them"
+            f"{positions} positions: lower one of them"
         )
     if gen_args.min_tgt_length > data_args.tgt_length:
         problems.append(f"--min_tgt_length {gen_args.min_tgt_length} exceeds --tgt_length {data_args.tgt_length}")
@@ -120,14 +121,8 @@ def check_against_model(config, tokenizer, data_args, gen_args, training_args) -
                                                                                      data_args.data_name):
         problems.append("--do_train needs --train_file (JSON lines)")
     degree = max(training_args.tensor_parallel_degree, getattr(training_args, "requested_tensor_parallel_degree", -1))
-    heads = config.num_attention_heads
-    if degree > 1 and heads % degree:
-        divisors = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0)
-        problems.append(f"--tensor_parallel_degree {degree} does not divide the model's {heads} attention heads: "
-                        f"use one of {divisors}")
-    elif degree > 1 and config.vocab_size % degree:
-        problems.append(f"--tensor_parallel_degree {degree} does not divide the model's vocabulary of "
-                        f"{config.vocab_size} embeddings")
+    if degree > 1:
+        problems += family.tensor_parallel_problems(config, degree)
     resume = training_args.resume_from_checkpoint
     if training_args.do_train and resume and not os.path.isfile(os.path.join(resume, "trainer_state.json")):
         problems.append(f"--resume_from_checkpoint {resume}: not a checkpoint (no trainer_state.json); give an "
@@ -135,7 +130,7 @@ def check_against_model(config, tokenizer, data_args, gen_args, training_args) -
     check(problems)
 
 
-def load_datasets(task, data_args: DataArguments, tokenizer, training_args) -> dict:
+def load_datasets(task, data_args: DataArguments, template, training_args) -> dict:
     """Tokenized splits that the run needs: train (--do_train), dev (--do_eval), test (--do_predict)."""
     wanted = {
         "train": (training_args.do_train, data_args.train_file, data_args.max_train_samples),
@@ -158,7 +153,7 @@ def load_datasets(task, data_args: DataArguments, tokenizer, training_args) -> d
             logger.warning(f"{split}: skipped {len(skipped)} invalid lines of {path} (--skip_invalid_examples): "
                            f"{summarize_skipped(skipped)}; each is listed in {training_args.output_dir}/{SKIPPED_NAME}")
             all_skipped += skipped
-        datasets[split] = tokenize_pairs(pairs, tokenizer, data_args.src_length, data_args.tgt_length)
+        datasets[split] = tokenize_pairs(pairs, template, data_args.src_length, data_args.tgt_length)
         logger.info(f"{split}: {len(pairs)} examples")
     if data_args.skip_invalid_examples and training_args.should_save:
         write_json_lines(all_skipped, os.path.join(training_args.output_dir, SKIPPED_NAME))

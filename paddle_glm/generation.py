@@ -1,7 +1,7 @@
-"""Generation with our dynamic-graph GLM: a `Stepper` over the model's K/V cache.
+"""Generation in dynamic graph: a `Stepper` over the K/V cache of any family's model.
 
-`paddle_glm.decoding` owns every decoding strategy and `paddle_glm.stepper` GLM's positions and
-masks; this module only runs the model on them and keeps its K/V cache as Paddle tensors.
+`paddle_glm.decoding` owns every decoding strategy and `paddle_glm.stepper` the positions and masks; this module
+only runs the model on them and keeps its K/V cache as Paddle tensors.
 """
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ import paddle
 from .decoding import DecodingConfig, GenerationResult, generate as decode
 from .inputs import Example, generation_batch
 from .models.layers import KVCache
-from .stepper import GLMStepper
+from .stepper import CachedStepper
 
 __all__ = ["DygraphStepper", "generate"]
 
 
-class DygraphStepper(GLMStepper):
-    """Runs a `GLMForConditionalGeneration` prompt batch and its decode steps in dynamic graph."""
+class DygraphStepper(CachedStepper):
+    """Runs a model's prompt batch and its decode steps in dynamic graph."""
 
     def __init__(self, model: paddle.nn.Layer, batch: Dict[str, np.ndarray]):
         super().__init__(batch)
@@ -44,7 +44,7 @@ class DygraphStepper(GLMStepper):
 
 
 def generate(model: paddle.nn.Layer, prompts: List[Example], config: DecodingConfig) -> GenerationResult:
-    """Decode GLM prompts (from `inputs.generation_example`) with the one decoding implementation."""
+    """Decode prompts (from `Template.generation_example`) with the one decoding implementation."""
     was_training = model.training
     model.eval()
     try:

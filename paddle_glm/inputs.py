@@ -1,147 +1,22 @@
-"""GLM blank-infilling inputs: sources and targets -> token ids, 2-D positions, masks, labels.
+"""Batches of examples of any family (`models.family.Template` makes them): training batches padded on the right,
+generation batches on the left, and the masks of a left-padded prompt batch. No paddle import: runners use it too.
 
-Layout of one example (GLM's generation format, as THUDM's GLM and PaddleNLP's example use it):
-
-    part A (bidirectional):  [CLS] source... [gMASK] <|endoftext|>
-    part B (causal):         <|startofpiece|> target...            (training)
-                             <|startofpiece|>                      (generation prompt)
-    labels on part B:        target... <|endofpiece|>
-
-Position ids are GLM's 2-D block positions: row 0 counts 0, 1, ... over part A and stays at the
-`[gMASK]` position over part B; row 1 is 0 over part A and counts 1, 2, ... over part B. The
-attention mask of one example is its part-A length ("sep"): keys before it are visible to all,
-part B is causal. A training batch is padded on the right, only to its own longest example (the
-reference pads everything to src_length + tgt_length); pads sit after part B where no real
-token can see them. A generation batch is padded on the left so every prompt ends at the same
-column and decode steps append in lockstep; its pads are hidden by `key_mask`.
+A training batch is padded only to its own longest example (the reference pads everything to src_length +
+tgt_length); pads sit after the answer where no real token can see them. A generation batch is padded on the left
+so every prompt ends at the same column and decode steps append in lockstep; its pads are hidden by `key_mask`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import numpy as np
 
-__all__ = [
-    "GLMSpecialIds", "build_source_ids", "training_example", "generation_example", "GLMCollator",
-    "generation_batch", "prefill_attention_mask", "padded_training_example",
-]
+__all__ = ["Example", "Collator", "generation_batch", "prefill_attention_mask"]
 
-Example = Dict[str, object]
+Example = Dict[str, np.ndarray]
 
 
-@dataclass(frozen=True)
-class GLMSpecialIds:
-    """The special token ids GLM's infilling format needs."""
-
-    pad: int
-    cls: int
-    eos: int
-    sop: int
-    eop: int
-    gmask: int
-    mask_ids: tuple  # every id that marks a blank ([MASK], [sMASK], [gMASK]); the first one found anchors part B
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer) -> "GLMSpecialIds":
-        masks = (tokenizer.mask_token_id, tokenizer.smask_token_id, tokenizer.gmask_token_id)
-        return cls(
-            pad=tokenizer.pad_token_id, cls=tokenizer.cls_token_id, eos=tokenizer.eos_token_id,
-            sop=tokenizer.sop_token_id, eop=tokenizer.eop_token_id, gmask=tokenizer.gmask_token_id,
-            mask_ids=tuple(m for m in masks if m is not None),
-        )
-
-
-def build_source_ids(
-    text_ids: Sequence[int], special: GLMSpecialIds, max_length: int, truncation_side: str = "right"
-) -> List[int]:
-    """`[CLS] text [gMASK] <|endoftext|>` in at most `max_length` ids.
-
-    An over-long text loses its end (`truncation_side="right"`, the default: prompts put the
-    instruction or answer first) or its beginning (`"left"`).
-    """
-    room = max_length - 3
-    if room < 1:
-        raise ValueError(f"max source length {max_length} leaves no room for text: it must be at least 4")
-    if truncation_side not in ("right", "left"):
-        raise ValueError(f"truncation_side must be 'right' or 'left', got {truncation_side!r}")
-    text_ids = list(text_ids)
-    if len(text_ids) > room:
-        text_ids = text_ids[:room] if truncation_side == "right" else text_ids[-room:]
-    return [special.cls] + text_ids + [special.gmask, special.eos]
-
-
-def _mask_position(source_ids: Sequence[int], special: GLMSpecialIds) -> int:
-    for index, token in enumerate(source_ids):
-        if token in special.mask_ids:
-            return index
-    raise ValueError("the source has no [MASK], [sMASK] or [gMASK] token: build it with build_source_ids")
-
-
-def training_example(
-    source_ids: Sequence[int], target_ids: Sequence[int], special: GLMSpecialIds, max_target_length: int
-) -> Example:
-    """One training example; the target keeps its first `max_target_length - 1` ids (+ eop)."""
-    target = list(target_ids)[: max_target_length - 1]
-    sep = len(source_ids)
-    mask_pos = _mask_position(source_ids, special)
-    part_b = len(target) + 1
-    return {
-        "input_ids": np.array(list(source_ids) + [special.sop] + target, dtype="int64"),
-        "position_ids": np.array(
-            [list(range(sep)) + [mask_pos] * part_b, [0] * sep + list(range(1, part_b + 1))], dtype="int64"
-        ),
-        "attention_mask": np.array(sep, dtype="int64"),
-        "labels": np.array([0] * sep + target + [special.eop], dtype="int64"),
-        "loss_mask": np.array([0] * sep + [1] * part_b, dtype="float32"),
-    }
-
-
-def padded_training_example(
-    source_ids: Sequence[int], target_ids: Sequence[int], special: GLMSpecialIds, src_length: int, tgt_length: int
-) -> Example:
-    """The same example in PaddleNLP's reference layout, to compare against (tests, `bench/`).
-
-    The reference example pads part A to `src_length` and part B to `tgt_length`, passes a dense
-    [1, S, S] 0/1 attention mask (as its tokenizer's `build_inputs_for_generation` makes it) and a
-    float `loss_mask` over all S positions; its model projects every position to the vocabulary.
-    """
-    target = list(target_ids)[: tgt_length - 1]
-    sep = len(source_ids)
-    if sep > src_length:
-        raise ValueError(f"the source has {sep} ids, more than src_length {src_length}")
-    length = src_length + tgt_length
-    part_b = [special.sop] + target + [special.eop] + [special.pad] * (tgt_length - len(target) - 1)  # tgt + 1
-    mask = np.zeros([length, length], dtype="int64")
-    mask[:, :sep] = 1  # part A, without its pads, is visible to every query
-    mask[src_length:, src_length:] = np.tril(np.ones([tgt_length, tgt_length], dtype="int64"))
-    mask_pos = _mask_position(source_ids, special)
-    return {
-        "input_ids": np.array(list(source_ids) + [special.pad] * (src_length - sep) + part_b[:-1], dtype="int64"),
-        "position_ids": np.array(
-            [list(range(src_length)) + [mask_pos] * tgt_length, [0] * src_length + list(range(1, tgt_length + 1))],
-            dtype="int64",
-        ),
-        "attention_mask": mask[None],
-        "labels": np.array([0] * src_length + part_b[1:], dtype="int64"),
-        "loss_mask": np.array([0] * src_length + [1] * (len(target) + 1) + [0] * (tgt_length - len(target) - 1),
-                              dtype="float32"),
-    }
-
-
-def generation_example(source_ids: Sequence[int], special: GLMSpecialIds) -> Example:
-    """The prompt for generation: the source followed by `<|startofpiece|>`."""
-    sep = len(source_ids)
-    return {
-        "input_ids": np.array(list(source_ids) + [special.sop], dtype="int64"),
-        "position_ids": np.array(
-            [list(range(sep)) + [_mask_position(source_ids, special)], [0] * sep + [1]], dtype="int64"
-        ),
-        "attention_mask": np.array(sep, dtype="int64"),
-    }
-
-
-class GLMCollator:
+class Collator:
     """Right-pads examples to the longest in the batch (never to a fixed length)."""
 
     _PAD_VALUES = {"labels": 0, "loss_mask": 0.0, "position_ids": 0}
@@ -176,32 +51,33 @@ def _pad_right(array: np.ndarray, length: int, value) -> np.ndarray:
 
 
 def generation_batch(prompts: List[Example], pad_token_id: int) -> Dict[str, np.ndarray]:
-    """Left-pads generation prompts: `input_ids` [B, S], `position_ids` [B, 2, S], `key_mask` [B, S].
-
-    Every prompt then ends with its `<|startofpiece|>` in the last column, so part A of every
-    row is the first S - 1 columns (minus its pads, which `key_mask` hides).
-    """
+    """Left-pads generation prompts (`Template.generation_example`): `input_ids` [B, S], `position_ids` [B, P, S],
+    `key_mask` [B, S] (0 on pads), `sep` [B] (each bidirectional prefix's end, in batch columns) and
+    `position_step` [B, P]."""
     length = max(len(p["input_ids"]) for p in prompts)
+    rows = np.asarray(prompts[0]["position_ids"]).shape[0]
     input_ids = np.full([len(prompts), length], pad_token_id, dtype="int64")
-    position_ids = np.zeros([len(prompts), 2, length], dtype="int64")
+    position_ids = np.zeros([len(prompts), rows, length], dtype="int64")
     key_mask = np.zeros([len(prompts), length], dtype="float32")
+    sep = np.zeros([len(prompts)], dtype="int64")
     for row, prompt in enumerate(prompts):
         n = len(prompt["input_ids"])
         input_ids[row, length - n:] = prompt["input_ids"]
         position_ids[row, :, length - n:] = prompt["position_ids"]
         key_mask[row, length - n:] = 1.0
-    return {"input_ids": input_ids, "position_ids": position_ids, "key_mask": key_mask}
+        sep[row] = length - n + int(prompt["attention_mask"])
+    step = np.stack([np.asarray(p["position_step"], dtype="int64") for p in prompts])
+    return {"input_ids": input_ids, "position_ids": position_ids, "key_mask": key_mask, "sep": sep,
+            "position_step": step}
 
 
-def prefill_attention_mask(key_mask: np.ndarray) -> np.ndarray:
-    """Dense mask [B, 1, S, S] for a left-padded prompt batch whose last column is part B.
-
-    Part A (all columns but the last) is visible to every query except where padded; the last
-    column (`<|startofpiece|>`) sees itself. Each query also sees itself, so pad rows keep a
-    finite softmax.
-    """
+def prefill_attention_mask(key_mask: np.ndarray, sep: np.ndarray) -> np.ndarray:
+    """Dense mask [B, 1, S, S] of a left-padded prompt batch: key j is visible to query i when it is no pad and
+    lies in the bidirectional prefix (j < sep) or not after i. Each query also sees itself, so pad rows keep a
+    finite softmax."""
     batch, length = key_mask.shape
-    mask = np.repeat(key_mask[:, None, :], length, axis=1)  # (B, S, S)
-    mask[:, :, -1] = 0.0
-    mask[:, np.arange(length), np.arange(length)] = 1.0
+    columns = np.arange(length)
+    visible = (columns[None, None, :] < sep[:, None, None]) | (columns[None, None, :] <= columns[None, :, None])
+    mask = (visible & (key_mask[:, None, :] > 0)).astype("float32")  # (B, S, S)
+    mask[:, columns, columns] = 1.0
     return mask[:, None]

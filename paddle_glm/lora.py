@@ -120,13 +120,26 @@ class GLMLoRAModel(LoRAModel):
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "lora_config.json", "lora_model_state.pdparams"
 
 
+def _default_targets(model: paddle.nn.Layer) -> List[str]:
+    from .models import family_of
+
+    return list(family_of(model.config).lora_targets)
+
+
+def _example_layer(model: paddle.nn.Layer) -> str:
+    """The name of the model's first linear layer, to show what target patterns match."""
+    return next((name for name, layer in model.named_sublayers() if type(layer).__name__.endswith("Linear")), "?")
+
+
 def add_lora(model: paddle.nn.Layer, args) -> LoRAModel:
-    """Wrap `model` with new adapters from `args` (ModelArguments), or the ones saved at `args.lora_path`."""
+    """Wrap `model` with new adapters from `args` (ModelArguments), or the ones saved at `args.lora_path`; without
+    --lora_target_modules the family's default targets get adapters."""
+    targets = list(args.lora_target_modules or _default_targets(model))
     if args.lora_path:
         lora_model = load_adapter(model, args.lora_path)
     else:
         config = LoRAConfig(
-            target_modules=list(args.lora_target_modules), r=args.lora_rank, lora_alpha=args.lora_alpha,
+            target_modules=targets, r=args.lora_rank, lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout, merge_weights=False,
             tensor_parallel_degree=model.config.tensor_parallel_degree, dtype=model.config.dtype,
         )
@@ -135,8 +148,8 @@ def add_lora(model: paddle.nn.Layer, args) -> LoRAModel:
     trainable = sum(int(p.numel()) for p in lora_model.parameters() if not p.stop_gradient)
     if trainable == 0:
         raise InputError(
-            f"--lora_target_modules {' '.join(args.lora_target_modules)} matched no linear layer; names look like "
-            "glm.transformer.layers.0.attention.query_key_value (try '.*query_key_value.*')"
+            f"--lora_target_modules {' '.join(targets)} matched no linear layer; names look like "
+            f"{_example_layer(model)} (the default for this model is {' '.join(_default_targets(model))})"
         )
     total = sum(int(p.numel()) for p in lora_model.parameters())
     logger.info(f"LoRA: {trainable} of {total} parameters train ({100.0 * trainable / total:.3f}%)")
@@ -154,19 +167,17 @@ def merged_state_dict(lora_model: LoRAModel) -> Dict[str, paddle.Tensor]:
 
 
 def load_with_adapter(model_name_or_path: str, lora_path: Optional[str] = None, **kwargs) -> paddle.nn.Layer:
-    """A plain `GLMForConditionalGeneration` (`kwargs` go to `from_pretrained`: a tensor-parallel rank's shard),
-    with the adapter at `lora_path` folded into its weights."""
-    from .models.glm import GLMForConditionalGeneration
+    """The family's plain model (`kwargs` go to `from_pretrained`: a tensor-parallel rank's shard), with the adapter
+    at `lora_path` folded into its weights."""
+    from .models import load_model
 
-    model = GLMForConditionalGeneration.from_pretrained(model_name_or_path, **kwargs)
+    model = load_model(model_name_or_path, **kwargs)
     return merged_model(load_adapter(model, lora_path)) if lora_path else model
 
 
 def merged_model(lora_model: LoRAModel) -> paddle.nn.Layer:
-    """A plain `GLMForConditionalGeneration` holding the base weights with the adapter folded in."""
-    from .models.glm import GLMForConditionalGeneration
-
-    model = GLMForConditionalGeneration(lora_model.model.config)
+    """A plain model of the adapted model's class holding the base weights with the adapter folded in."""
+    model = type(lora_model.model)(lora_model.model.config)
     model.set_state_dict(merged_state_dict(lora_model))
     return model
 
@@ -197,7 +208,7 @@ def check_adapter(model: paddle.nn.Layer, lora_path: str) -> None:
               if type(layer).__name__.endswith("Linear") and any(re.fullmatch(pattern, name) for pattern in patterns)}
     if not layers:
         raise InputError(f"{where}: its target_modules {patterns} match no linear layer of the model (names look "
-                         "like glm.transformer.layers.0.attention.query_key_value): an adapter of another model?")
+                         f"like {_example_layer(model)}): an adapter of another model?")
     adapter_degree, model_degree = config.get("tensor_parallel_degree") or 1, tensor_parallel_degree(model.config)
     if adapter_degree > 1:
         return _check_adapter_shards(where, lora_path, adapter_degree, model_degree)

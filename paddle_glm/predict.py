@@ -21,8 +21,7 @@ from .batch_predict import check_lengths, parse_with_io, predict_records, read_i
 from .generation import generate
 from .demo import held_out_pairs
 from .lora import load_with_adapter
-from .models.glm import GLMForConditionalGeneration
-from .tokenizer import load_tokenizer
+from .models import family_of, load_tokenizer
 
 __all__ = ["PredictArguments", "main"]
 
@@ -32,7 +31,8 @@ DEMO_CHECKPOINT = "checkpoints/demo/dureader_qg"
 @dataclass
 class PredictArguments:
     model_name_or_path: str = field(
-        default=DEMO_CHECKPOINT, metadata={"help": "Checkpoint directory or PaddleNLP GLM name to predict with."}
+        default=DEMO_CHECKPOINT,
+        metadata={"help": "Checkpoint directory (any family: GLM, ChatGLM-6B, ChatGLM2/3) or a PaddleNLP model name."}
     )
     lora_path: Optional[str] = field(default=None, metadata={"help": "A LoRA adapter directory to apply."})
     merge_tensor_parallel_path: Optional[str] = field(
@@ -55,11 +55,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     degree, rank = init_tensor_parallel()
     if degree > 1 and gen_args.seed_decoding is None:
         gen_args.seed_decoding = 0  # every rank must draw the same samples, or they stop agreeing on the tokens
-    tokenizer = load_tokenizer(args.model_name_or_path)
+    family = family_of(args.model_name_or_path)
+    template = family.template(family.load_tokenizer(args.model_name_or_path))
     model = load_model(args, degree, rank)
-    src_length = check_lengths(io, gen_args, model.config.max_sequence_length)
-    decoding = gen_args.decoding_config(tokenizer, max_length=io.tgt_length)
-    outputs = predict_records(read_inputs(io, held_out_pairs() if demo else None), tokenizer, io, src_length, decoding,
+    src_length = check_lengths(io, gen_args, family.max_positions(model.config))
+    decoding = gen_args.decoding_config(template, max_length=io.tgt_length)
+    outputs = predict_records(read_inputs(io, held_out_pairs() if demo else None), template, io, src_length, decoding,
                               partial(generate, model, config=decoding))
     if rank == 0:
         write_outputs(io, outputs)
@@ -76,7 +77,7 @@ def init_tensor_parallel() -> Tuple[int, int]:
     return degree, fleet.get_hybrid_communicate_group().get_model_parallel_rank()
 
 
-def load_model(args: PredictArguments, degree: int = 1, rank: int = 0) -> GLMForConditionalGeneration:
+def load_model(args: PredictArguments, degree: int = 1, rank: int = 0) -> paddle.nn.Layer:
     """The model (this rank's shard under tensor parallelism), with a LoRA adapter folded in when given."""
     model = load_with_adapter(args.model_name_or_path, args.lora_path, tensor_parallel_degree=degree,
                               tensor_parallel_rank=rank)
@@ -86,7 +87,7 @@ def load_model(args: PredictArguments, degree: int = 1, rank: int = 0) -> GLMFor
     return model
 
 
-def save_merged(model: GLMForConditionalGeneration, args: PredictArguments, degree: int, rank: int) -> None:
+def save_merged(model: paddle.nn.Layer, args: PredictArguments, degree: int, rank: int) -> None:
     """One whole checkpoint in `--merge_tensor_parallel_path`, the shards gathered to rank 0."""
     target = args.merge_tensor_parallel_path
     model.save_pretrained(target, merge_tensor_parallel=degree > 1, is_main_process=rank == 0)

@@ -8,14 +8,15 @@
   ending with an open `Assistant:`) and `output` the last answer. Every assistant turn, inside the
   text or the output, is a target.
 
-Dialogue sources are rendered as `Human: ...\nAssistant: ...\n...\nAssistant:`.
+A dialogue's pairs carry their history (the earlier rounds): the model family's template renders it (GLM as
+`Human: ...` / `Assistant: ...` lines, the ChatGLM families with their chat formats).
 """
 from __future__ import annotations
 
 import re
 from typing import List, Tuple
 
-from paddle_glm.data import DataError, TextPair, text_field
+from paddle_glm.data import DataError, Sample, TextPair, text_field
 
 NAME = "belle"
 DEFAULTS = {"src_length": 256, "tgt_length": 256}
@@ -65,11 +66,18 @@ def _text_turns(text: str, where: str) -> List[Turn]:
 
 
 def _dialogue_pairs(turns: List[Turn], where: str) -> List[TextPair]:
-    pairs = []
-    for index, (role, text) in enumerate(turns):
-        if role == ASSISTANT and index > 0:
-            history = "\n".join(f"{r}: {t}" for r, t in turns[:index])
-            pairs.append((f"{history}\n{ASSISTANT}:", text))
+    """One pair per assistant turn: the human turns since the last answer are its query (joined by new lines),
+    the earlier rounds its history."""
+    pairs: List[TextPair] = []
+    rounds: List[Tuple[str, str]] = []
+    query: List[str] = []
+    for role, text in turns:
+        if role == HUMAN:
+            query.append(text)
+        elif query:
+            pairs.append(Sample("\n".join(query), text, tuple(rounds)))
+            rounds.append(("\n".join(query), text))
+            query = []
     if not pairs:
         raise DataError(f"{where}: the dialogue has no assistant turn after a human turn")
     return pairs

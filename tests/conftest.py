@@ -47,7 +47,7 @@ def twin_models():
 def cog_tokenizer():
     if not os.path.isfile(COG_MODEL):
         pytest.skip(f"needs the real GLM sentencepiece model at {COG_MODEL} (../shared/assets)")
-    from paddle_glm.tokenizer import tokenizer_from_sentencepiece
+    from paddle_glm.models.glm import tokenizer_from_sentencepiece
 
     return tokenizer_from_sentencepiece(COG_MODEL)
 
@@ -93,10 +93,15 @@ def exported(demo_base, tmp_path_factory):
 
 @pytest.fixture
 def paddlenlp_log(caplog):
-    """PaddleNLP's logger does not propagate to the root logger: hook caplog onto it directly."""
+    """PaddleNLP's logger and ours (`paddle_glm.logs`) do not propagate to the root logger: hook caplog onto both."""
     from paddlenlp.utils.log import logger as paddlenlp_logger
 
-    paddlenlp_logger.logger.addHandler(caplog.handler)
+    from paddle_glm.logs import logger as our_logger
+
+    loggers = (paddlenlp_logger.logger, our_logger)
+    for logger in loggers:
+        logger.addHandler(caplog.handler)
     caplog.set_level(logging.INFO)
     yield caplog
-    paddlenlp_logger.logger.removeHandler(caplog.handler)
+    for logger in loggers:
+        logger.removeHandler(caplog.handler)

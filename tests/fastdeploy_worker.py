@@ -14,7 +14,7 @@ job = json.load(sys.stdin)
 engine = FastDeployEngine(job["export_dir"], {"prefill": "prefill", "decode": "decode"}, "cpu", 1)
 batch = {key: np.array(value, dtype=job["dtypes"][key]) for key, value in job["batch"].items()}
 logits, _ = engine.run("prefill", {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-                                   "attention_mask": prefill_attention_mask(batch["key_mask"])})
+                                   "attention_mask": prefill_attention_mask(batch["key_mask"], batch["sep"])})
 results = {}
 for name, settings in job["configs"].items():
     result = generate(ExportedStepper(engine, batch), len(batch["input_ids"]), DecodingConfig(**settings))

@@ -252,7 +252,7 @@ def _tiny_sentencepiece(path) -> str:
 
 
 def test_tokenizer_found_next_to_the_source_or_given(reference, torch, tmp_path):
-    from paddle_glm.tokenizer import load_tokenizer
+    from paddle_glm.models import load_tokenizer
 
     source = write_thudm(tmp_path / "thudm", [reference["state"]], torch)
     spm_file = _tiny_sentencepiece(tmp_path / "thudm" / "cog-pretrain.model")

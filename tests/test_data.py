@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from paddle_glm.data import DataError, read_json_lines, read_pairs, tokenize_pairs
+from paddle_glm.models.glm import GLMTemplate
 from tasks import belle, dureader_qg
 
 
@@ -102,7 +103,7 @@ def test_read_pairs_limit_counts_pairs_not_records(tmp_path):
     path = write_lines(tmp_path, *[json.dumps(dialogue) + "\n"] * 3)
     assert len(read_pairs(path, belle.to_pairs)) == 6
     limited = read_pairs(path, belle.to_pairs, limit=3)
-    assert [target for _, target in limited] == ["a1", "a2", "a1"]
+    assert [pair.target for pair in limited] == ["a1", "a2", "a1"]
 
 
 def test_read_pairs_limit_stops_reading_early(tmp_path):
@@ -121,7 +122,7 @@ def encode(tokenizer, text):
 
 def test_tokenize_pairs_keeps_texts_and_examples_in_order(cog_tokenizer, paddlenlp_log):
     pairs = [("答案：北京，上下文：北京是中国的首都。", "中国的首都是哪里？"), ("写一首诗", "床前明月光"), ("你好", "你好！")]
-    data = tokenize_pairs(pairs, cog_tokenizer, src_length=64, tgt_length=32)
+    data = tokenize_pairs(pairs, GLMTemplate(cog_tokenizer), src_length=64, tgt_length=32)
     assert len(data) == len(data.features) == len(data.prompts) == len(data.sources) == len(data.targets) == 3
     assert len(data.references) == 3
     assert data.sources == [s for s, _ in pairs] and data.targets == [t for _, t in pairs]
@@ -138,7 +139,7 @@ def test_tokenize_pairs_truncates_source_end_keeping_answer(cog_tokenizer, paddl
     source = "答案：北京，上下文：" + "北京是中国的首都，有很多名胜古迹。" * 40 + "结尾标记"
     full_ids = encode(cog_tokenizer, source)
     assert len(full_ids) > 64
-    data = tokenize_pairs([(source, "首都是哪里？")], cog_tokenizer, src_length=64, tgt_length=32)
+    data = tokenize_pairs([(source, "首都是哪里？")], GLMTemplate(cog_tokenizer), src_length=64, tgt_length=32)
     feature, prompt = data.features[0], data.prompts[0]
     sep = int(feature["attention_mask"])
     assert sep == 64 and len(prompt["input_ids"]) == 65
@@ -154,18 +155,11 @@ def test_tokenize_pairs_truncates_source_end_keeping_answer(cog_tokenizer, paddl
     assert any("truncated 1 of 1 sources to --src_length 64" in m and "0 targets" in m for m in messages)
 
 
-def test_tokenize_pairs_left_truncation_keeps_source_end(cog_tokenizer):
-    source = "开头标记" + "北京是中国的首都。" * 40 + "结尾标记"
-    full_ids = encode(cog_tokenizer, source)
-    data = tokenize_pairs([(source, "好")], cog_tokenizer, src_length=32, tgt_length=8, truncation_side="left")
-    assert list(data.features[0]["input_ids"][1:30]) == full_ids[-29:]
-
-
 def test_tokenize_pairs_truncates_target_to_tgt_length(cog_tokenizer, paddlenlp_log):
     target = "北京是中国的首都，有很多名胜古迹。" * 10
     target_ids = encode(cog_tokenizer, target)
     assert len(target_ids) > 16
-    data = tokenize_pairs([("介绍北京", target)], cog_tokenizer, src_length=32, tgt_length=16)
+    data = tokenize_pairs([("介绍北京", target)], GLMTemplate(cog_tokenizer), src_length=32, tgt_length=16)
     feature = data.features[0]
     sep = int(feature["attention_mask"])
     labels = list(feature["labels"][sep:])
@@ -179,6 +173,6 @@ def test_tokenize_pairs_truncates_target_to_tgt_length(cog_tokenizer, paddlenlp_
 
 def test_tokenize_pairs_references_are_tokenizer_round_trip(cog_tokenizer):
     # This sentencepiece model normalises full-width punctuation: "？" comes back as "?", "，" as ",".
-    data = tokenize_pairs([("问", "北京是哪个国家的首都？"), ("问", "你好，世界")], cog_tokenizer, src_length=32, tgt_length=32)
+    data = tokenize_pairs([("问", "北京是哪个国家的首都？"), ("问", "你好，世界")], GLMTemplate(cog_tokenizer), src_length=32, tgt_length=32)
     assert data.references == ["北京是哪个国家的首都?", "你好,世界"]
     assert data.targets == ["北京是哪个国家的首都？", "你好，世界"]

@@ -15,8 +15,8 @@ import pytest
 
 from infer.runner import GLMRunner
 from paddle_glm.decoding import DecodingConfig
-from paddle_glm.inputs import GLMSpecialIds, build_source_ids, generation_batch, generation_example, prefill_attention_mask
-from paddle_glm.tokenizer import load_tokenizer
+from paddle_glm.inputs import generation_batch, prefill_attention_mask
+from paddle_glm.models import load_template
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASTDEPLOY_PYTHON = os.environ.get("PADDLE_GLM_FASTDEPLOY_PYTHON", os.path.join(ROOT, ".venv-fastdeploy", "bin", "python"))
@@ -28,13 +28,11 @@ def test_fastdeploy_runner_equals_paddle_inference(exported):
     if not os.path.isfile(FASTDEPLOY_PYTHON):
         pytest.skip(f"no FastDeploy environment at {FASTDEPLOY_PYTHON}: fastdeploy-python 1.0.7 needs Python <= 3.10 "
                     "(make test builds it when python3.10 exists; none was found)")
-    tokenizer = load_tokenizer(exported["dir"])
-    special = GLMSpecialIds.from_tokenizer(tokenizer)
-    prompts = [generation_example(build_source_ids(tokenizer(t, add_special_tokens=False)["input_ids"], special, 64),
-                                  special) for t in TEXTS]
-    batch = generation_batch(prompts, tokenizer.pad_token_id)
-    base = dict(eos_token_id=tokenizer.eop_token_id, pad_token_id=tokenizer.pad_token_id, max_length=12,
-                tokenizer_size=len(tokenizer))
+    template = load_template(exported["dir"])
+    prompts = [template.generation_example(template.prompt_ids(t, (), 64)[0]) for t in TEXTS]
+    batch = generation_batch(prompts, template.pad_id)
+    base = dict(eos_token_id=template.stop_ids, pad_token_id=template.pad_id, max_length=12,
+                tokenizer_size=template.tokenizer_size)
     configs = {"greedy": dict(base), "beam": dict(base, decode_strategy="beam_search", num_beams=3)}
     job = {"export_dir": exported["dir"], "configs": configs,
            "batch": {k: v.tolist() for k, v in batch.items()}, "dtypes": {k: str(v.dtype) for k, v in batch.items()}}
@@ -46,7 +44,7 @@ def test_fastdeploy_runner_equals_paddle_inference(exported):
 
     runner = GLMRunner(exported["dir"], backend="paddle")
     feeds = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-             "attention_mask": prefill_attention_mask(batch["key_mask"])}
+             "attention_mask": prefill_attention_mask(batch["key_mask"], batch["sep"])}
     paddle_logits, _ = runner.engine.run("prefill", feeds)
     assert np.abs(np.array(answer["prefill_logits"]) - paddle_logits).max() <= 1e-4
     for name, settings in configs.items():

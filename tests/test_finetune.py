@@ -13,10 +13,10 @@ from paddle_glm.data import tokenize_pairs
 from paddle_glm.data import write_json_lines
 from paddle_glm.finetune import main, parse_arguments
 from paddle_glm.generation import generate
-from paddle_glm.inputs import GLMCollator
+from paddle_glm.inputs import Collator
 from paddle_glm.lora import add_lora
 from paddle_glm.models.glm import GLMForConditionalGeneration
-from paddle_glm.tokenizer import load_tokenizer
+from paddle_glm.models import load_template
 
 
 def _common_flags(base, output_dir, **overrides):
@@ -52,17 +52,17 @@ def test_finetune_trains_evaluates_with_beam_search_saves_and_reloads(demo_base,
     assert predictions[0]["source"].startswith("答案：")
 
     # The saved model is the trained one, and it decodes to exactly what evaluation wrote.
-    tokenizer = load_tokenizer(str(tmp_path))
+    template = load_template(str(tmp_path))
     trained = GLMForConditionalGeneration.from_pretrained(str(tmp_path))
     base = GLMForConditionalGeneration.from_pretrained(demo_base["model"])
     name = "glm.transformer.layers.0.attention.query_key_value.weight"
     assert not np.allclose(trained.state_dict()[name].numpy(), base.state_dict()[name].numpy())
     model_args, data_args, gen_args, _ = parse_arguments(_common_flags(demo_base, tmp_path), "unused.json")
     pairs = [(p["source"], p["reference"]) for p in predictions]
-    dataset = tokenize_pairs(pairs, tokenizer, data_args.src_length, data_args.tgt_length)
-    config = gen_args.decoding_config(tokenizer, max_length=data_args.tgt_length)
+    dataset = tokenize_pairs(pairs, template, data_args.src_length, data_args.tgt_length)
+    config = gen_args.decoding_config(template, max_length=data_args.tgt_length)
     result = generate(trained, dataset.prompts, config)
-    assert [tokenizer.decode(s, skip_special_tokens=True) for s in result.sequences] == [p["prediction"] for p in predictions]
+    assert [template.decode(s) for s in result.sequences] == [p["prediction"] for p in predictions]
 
 
 def test_finetune_lora_trains_only_adapters_saves_reloads_and_merges(demo_base, tmp_path):
@@ -96,7 +96,7 @@ def test_finetune_belle_keeps_input_and_expands_multi_turn(demo_base, tmp_path):
     records = _read_jsonl(belle["dev"])
     from tasks import belle as belle_task
 
-    expected = [pair for i, r in enumerate(records) for pair in belle_task.to_pairs(r, f"dev:{i}")]
+    expected = [pair[:2] for i, r in enumerate(records) for pair in belle_task.to_pairs(r, f"dev:{i}")]
     assert [(p["source"], p["reference"]) for p in predictions] == expected
     assert len(expected) > len(records)  # multi-turn records give one example per assistant turn
     with_input = [r for r in records if r.get("input", "").strip()]
@@ -120,17 +120,17 @@ def test_flags_reach_the_decoding_config(demo_base):
                          min_tgt_length=3, tgt_length=9, top_k=7, top_p=0.8, temperature=0.5,
                          repetition_penalty=1.2, seed_decoding=11, decode_strategy="sampling")
     _, data_args, gen_args, _ = parse_arguments(argv, "unused.json")
-    tokenizer = load_tokenizer(demo_base["model"])
-    config = gen_args.decoding_config(tokenizer, max_length=data_args.tgt_length)
+    template = load_template(demo_base["model"])
+    config = gen_args.decoding_config(template, max_length=data_args.tgt_length)
     assert (config.decode_strategy, config.max_length, config.min_length) == ("sampling", 9, 3)
     assert (config.length_penalty, config.no_repeat_ngram_size, config.top_k, config.top_p) == (1.3, 2, 7, 0.8)
     assert (config.temperature, config.repetition_penalty, config.seed) == (0.5, 1.2, 11)
-    assert config.eos_token_id == tokenizer.eop_token_id
+    assert config.eos_ids == (template.tokenizer.eop_token_id,)
     _, _, beam_args, _ = parse_arguments(argv[:-2] + ["--decode_strategy", "beam_search", "--select_topk", "false"], "x")
-    beam = beam_args.decoding_config(tokenizer, max_length=9)
+    beam = beam_args.decoding_config(template, max_length=9)
     assert (beam.num_beams, beam.beam_candidates) == (4, "sample")
     _, _, top_args, _ = parse_arguments(argv[:-2] + ["--decode_strategy", "beam_search", "--top_p", "0.0"], "x")
-    assert top_args.decoding_config(tokenizer, max_length=9).top_p == 1.0  # the reference's 0.0 means off
+    assert top_args.decoding_config(template, max_length=9).top_p == 1.0  # the reference's 0.0 means off
 
 
 def test_flag_r_is_an_alias_of_lora_rank(demo_base):
@@ -160,12 +160,12 @@ def test_label_smoothing_and_lr_decay_ratio_act_in_the_trainer(demo_base, tmp_pa
     model_args, data_args, _, training_args = parse_arguments(
         _common_flags(demo_base, tmp_path, label_smoothing=0.3, lr_decay_ratio=0.25, warmup_steps=2, max_steps=10), "x"
     )
-    tokenizer = load_tokenizer(demo_base["model"])
+    template = load_template(demo_base["model"])
     model = GLMForConditionalGeneration.from_pretrained(demo_base["model"])
-    dataset = tokenize_pairs([("答案：北京，上下文：北京很大", "北京大吗")], tokenizer, 32, 8)
-    trainer = GLMTrainer(model=model, args=training_args, tokenizer=tokenizer, label_smoothing=model_args.label_smoothing,
-                         lr_decay_ratio=model_args.lr_decay_ratio)
-    batch = GLMCollator(tokenizer.pad_token_id)([dataset[0]])
+    dataset = tokenize_pairs([("答案：北京，上下文：北京很大", "北京大吗")], template, 32, 8)
+    trainer = GLMTrainer(model=model, args=training_args, tokenizer=template.tokenizer,
+                         label_smoothing=model_args.label_smoothing, lr_decay_ratio=model_args.lr_decay_ratio)
+    batch = Collator(template.pad_id)([dataset[0]])
     model.eval()  # no dropout; compute_loss smooths only in training mode
     plain = float(trainer.compute_loss(model, dict(batch)))
     model.train()
@@ -193,10 +193,10 @@ def test_label_smoothing_and_lr_decay_ratio_act_in_the_trainer(demo_base, tmp_pa
 
 
 def test_length_flags_truncate_sources_and_targets(demo_base):
-    tokenizer = load_tokenizer(demo_base["model"])
+    template = load_template(demo_base["model"])
     pair = [("答案：北京，上下文：" + "北京是中国的首都。" * 20, "中国的首都是哪里？" * 5)]
-    short = tokenize_pairs(pair, tokenizer, src_length=16, tgt_length=6)
-    long = tokenize_pairs(pair, tokenizer, src_length=64, tgt_length=20)
+    short = tokenize_pairs(pair, template, src_length=16, tgt_length=6)
+    long = tokenize_pairs(pair, template, src_length=64, tgt_length=20)
     assert int(short[0]["attention_mask"]) == 16 and int(long[0]["attention_mask"]) == 64
     assert len(short[0]["input_ids"]) == 16 + 6 and len(long[0]["input_ids"]) == 64 + 20
 

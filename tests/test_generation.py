@@ -13,21 +13,19 @@ import pytest
 
 from paddle_glm.decoding import DecodingConfig
 from paddle_glm.generation import generate
+from paddle_glm.models.glm import GLMSpecialIds, GLMTemplate
 
 PAD, EOP = 90, 94
 
 
+# GLM's template over the tiny test vocabulary: [CLS] 91, eos = pad 90, <sop> 93, <eop> 94, [gMASK] 95.
+TEMPLATE = GLMTemplate(None, GLMSpecialIds(pad=PAD, cls=91, eos=PAD, sop=93, eop=EOP, gmask=95, mask_ids=(95,)))
+
+
 def _prompts():
     rng = np.random.default_rng(21)
-    prompts = []
-    for length in (6, 2, 10):
-        source = [91] + rng.integers(1, 90, length).tolist() + [95, 90]
-        n = len(source)
-        prompts.append({
-            "input_ids": np.array(source + [93]),
-            "position_ids": np.array([list(range(n)) + [n - 2], [0] * n + [1]]),
-        })
-    return prompts
+    return [TEMPLATE.generation_example([91] + rng.integers(1, 90, length).tolist() + [95, 90])
+            for length in (6, 2, 10)]
 
 
 def _paddlenlp_generate(reference, prompt, max_new: int, **kwargs):

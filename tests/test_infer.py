@@ -11,18 +11,15 @@ from export.exporter import main as export_main
 from infer.runner import GLMRunner, main as infer_main
 from paddle_glm.decoding import DecodingConfig
 from paddle_glm.generation import generate
-from paddle_glm.inputs import GLMSpecialIds, build_source_ids, generation_example
 from paddle_glm.lora import load_with_adapter
-from paddle_glm.tokenizer import load_tokenizer
+from paddle_glm.models import load_template
 
 TEXTS = ["答案：巴黎，上下文：巴黎是法国的首都，位于欧洲，人口约210万。", "答案：长江", "答案：1998年，上下文：云海公司于1998年推出了手表。",
          "上下文：从南京到武汉约500公里"]
 
 
-def _prompts(tokenizer, texts=TEXTS, src_length=64):
-    special = GLMSpecialIds.from_tokenizer(tokenizer)
-    return [generation_example(build_source_ids(tokenizer(t, add_special_tokens=False)["input_ids"], special, src_length),
-                               special) for t in texts]
+def _prompts(template, texts=TEXTS, src_length=64):
+    return [template.generation_example(template.prompt_ids(t, (), src_length)[0]) for t in texts]
 
 
 def test_export_writes_graphs_tokenizer_and_config(exported):
@@ -30,10 +27,12 @@ def test_export_writes_graphs_tokenizer_and_config(exported):
     assert {"prefill.json", "prefill.pdiparams", "decode.json", "decode.pdiparams", "export_config.json"} <= files
     assert "tokenizer_config.json" in files
     config = json.load(open(os.path.join(exported["dir"], "export_config.json")))
-    tokenizer = load_tokenizer(exported["dir"])
-    assert config["format_version"] == 1 and config["dtype"] == "float32"
+    template = load_template(exported["dir"])
+    tokenizer = template.tokenizer
+    assert config["format_version"] == 2 and config["dtype"] == "float32" and config["family"] == "glm"
     assert (config["tgt_length"], config["src_length"]) == (12, 256 - 12)
     assert config["special_ids"]["eop"] == tokenizer.eop_token_id and config["tokenizer_size"] == len(tokenizer)
+    assert config["special_ids"]["stop"] == [tokenizer.eop_token_id] and config["kv_heads"] == 4
 
 
 @pytest.mark.parametrize("settings", [
@@ -43,10 +42,10 @@ def test_export_writes_graphs_tokenizer_and_config(exported):
     dict(decode_strategy="sampling", top_k=5, top_p=0.9, temperature=0.8, seed=3),
 ])
 def test_paddle_inference_runner_equals_dygraph_generate(exported, settings):
-    tokenizer = load_tokenizer(exported["dir"])
-    config = DecodingConfig(eos_token_id=tokenizer.eop_token_id, pad_token_id=tokenizer.pad_token_id, max_length=12,
-                            tokenizer_size=len(tokenizer), **settings)
-    prompts = _prompts(tokenizer)
+    template = load_template(exported["dir"])
+    config = DecodingConfig(eos_token_id=template.stop_ids, pad_token_id=template.pad_id, max_length=12,
+                            tokenizer_size=template.tokenizer_size, **settings)
+    prompts = _prompts(template)
     assert len({len(p["input_ids"]) for p in prompts}) == len(prompts)  # all lengths differ
     dygraph = generate(load_with_adapter(exported["base"], exported["adapter"]), prompts, config)
     runner = GLMRunner(exported["dir"], backend="paddle", device="cpu", cpu_threads=1)
@@ -58,22 +57,22 @@ def test_paddle_inference_runner_equals_dygraph_generate(exported, settings):
 def test_onnxruntime_runner_agrees_with_paddle_inference(exported):
     """paddle2onnx would turn tanh-GELU into exact GELU (~1e-3 apart); the export spells it out, so the
     engines agree to float rounding: logits within 1e-4, and the same tokens."""
-    tokenizer = load_tokenizer(exported["dir"])
-    prompts = _prompts(tokenizer)
+    template = load_template(exported["dir"])
+    prompts = _prompts(template)
     paddle_runner = GLMRunner(exported["dir"], backend="paddle")
     onnx_runner = GLMRunner(exported["dir"], backend="onnxruntime")
     from paddle_glm.inputs import generation_batch, prefill_attention_mask
 
-    batch = generation_batch(prompts, tokenizer.pad_token_id)
+    batch = generation_batch(prompts, template.pad_id)
     feeds = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-             "attention_mask": prefill_attention_mask(batch["key_mask"])}
+             "attention_mask": prefill_attention_mask(batch["key_mask"], batch["sep"])}
     paddle_logits, paddle_cache = paddle_runner.engine.run("prefill", feeds)
     onnx_logits, onnx_cache = onnx_runner.engine.run("prefill", feeds)
     assert np.abs(paddle_logits - onnx_logits).max() <= 1e-4
     assert np.abs(paddle_cache - onnx_cache).max() <= 1e-4
     for settings in (dict(decode_strategy="greedy_search"), dict(decode_strategy="beam_search", num_beams=3)):
-        config = DecodingConfig(eos_token_id=tokenizer.eop_token_id, pad_token_id=tokenizer.pad_token_id,
-                                max_length=12, tokenizer_size=len(tokenizer), **settings)
+        config = DecodingConfig(eos_token_id=template.stop_ids, pad_token_id=template.pad_id,
+                                max_length=12, tokenizer_size=template.tokenizer_size, **settings)
         assert onnx_runner.generate(prompts, config).sequences == paddle_runner.generate(prompts, config).sequences
 
 

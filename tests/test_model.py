@@ -127,6 +127,8 @@ def _prompts():
         prompts.append({
             "input_ids": np.array(source + [93]),
             "position_ids": np.array([list(range(n)) + [n - 2], [0] * n + [1]]),
+            "attention_mask": np.array(n),  # part A
+            "position_step": np.array([0, 1]),
         })
     return prompts
 
@@ -185,8 +187,10 @@ def test_prefill_mask_hides_left_padding_so_padded_rows_equal_unpadded(twin_mode
     with paddle.no_grad():
         together = DygraphStepper(ours, generation_batch(prompts, 90)).prefill(1)
     np.testing.assert_allclose(together, np.stack(alone), atol=1e-5)
-    mask = prefill_attention_mask(np.array([[0.0, 1.0, 1.0]]))[0, 0]
-    np.testing.assert_array_equal(mask, [[1, 1, 0], [0, 1, 0], [0, 1, 1]])
+    mask = prefill_attention_mask(np.array([[0.0, 1.0, 1.0]]), np.array([2]))[0, 0]
+    np.testing.assert_array_equal(mask, [[1, 1, 0], [0, 1, 0], [0, 1, 1]])  # GLM: part A = columns < 2
+    causal = prefill_attention_mask(np.array([[0.0, 1.0, 1.0]]), np.array([0]))[0, 0]  # ChatGLM2: causal
+    np.testing.assert_array_equal(causal, [[1, 0, 0], [0, 1, 0], [0, 1, 1]])
 
 
 def test_recompute_gives_same_loss_and_gradients(twin_models):

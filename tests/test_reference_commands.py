@@ -151,7 +151,7 @@ def test_reference_belle_by_name_reads_paddlenlps_bellegroup_set(demo_base, tmp_
     from paddle_glm.data import read_pairs
     from tasks import belle
 
-    assert sources == [source for source, _ in read_pairs(files["dev"], lambda r, w: belle.to_pairs(r, w), limit=2)]
+    assert sources == [pair[0] for pair in read_pairs(files["dev"], lambda r, w: belle.to_pairs(r, w), limit=2)]
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -1,6 +1,6 @@
 """The loss curve of our optimised training path against the straightforward one, step by step (issue 8).
 
-Optimised: our GLM in `GLMTrainer`, fed by `GLMCollator` (each batch padded to its own longest example, the
+Optimised: our GLM in `GLMTrainer`, fed by `Collator` (each batch padded to its own longest example, the
 part-A length as a 1-D "sep" mask), projecting to the vocabulary at target positions only.
 Straightforward: PaddleNLP's own GLM in PaddleNLP's Trainer with the reference example's inputs (every example
 padded to src_length + tgt_length, a dense mask, logits at every position, the loss masked).
@@ -19,9 +19,9 @@ from paddlenlp.trainer import Trainer, TrainingArguments
 from paddlenlp.transformers import GLMForConditionalGeneration as PaddleNLPGLM
 
 from paddle_glm.data import GLMDataset, read_pairs, tokenize_pairs
-from paddle_glm.inputs import GLMCollator, GLMSpecialIds, padded_training_example
-from paddle_glm.models.glm import GLMConfig, GLMForConditionalGeneration
-from paddle_glm.tokenizer import load_tokenizer
+from paddle_glm.inputs import Collator
+from paddle_glm.models import load_template
+from paddle_glm.models.glm import GLMConfig, GLMForConditionalGeneration, padded_training_example
 from paddle_glm.trainer import GLMTrainer
 from tasks import dureader_qg
 
@@ -54,23 +54,22 @@ def _losses(trainer) -> list:
 @pytest.fixture(scope="module")
 def curve_data(demo_base):
     """Our features, the same examples in the reference layout, and the demo config without dropout."""
-    tokenizer = load_tokenizer(demo_base["model"])
+    template = load_template(demo_base["model"])
     pairs = read_pairs(demo_base["qg"]["train"], dureader_qg.to_pairs, limit=48)  # its QG records
-    ours = tokenize_pairs(pairs, tokenizer, SRC_LENGTH, TGT_LENGTH)
-    special = GLMSpecialIds.from_tokenizer(tokenizer)
+    ours = tokenize_pairs(pairs, template, SRC_LENGTH, TGT_LENGTH)
     reference = []
     for feature in ours.features:
         sep = int(feature["attention_mask"])
         source, target = feature["input_ids"][:sep], feature["labels"][sep:-1]  # the target without its eop
-        reference.append(padded_training_example(source, target, special, SRC_LENGTH, TGT_LENGTH))
+        reference.append(padded_training_example(template, source, target, SRC_LENGTH, TGT_LENGTH))
     config = GLMConfig.from_pretrained(demo_base["model"])
     config.update(dict(embedding_dropout_prob=0.0, attention_dropout_prob=0.0, output_dropout_prob=0.0,
                        label_smoothing=0.0))
     return {"ours": ours, "reference": GLMDataset(features=reference), "config": config,
-            "pad": tokenizer.pad_token_id, "model": demo_base["model"]}
+            "pad": template.pad_id, "model": demo_base["model"]}
 
 
-class FutureLeakCollator(GLMCollator):
+class FutureLeakCollator(Collator):
     """A deliberately wrong path: part B attends bidirectionally, so each target token sees its label."""
 
     def __call__(self, features):
@@ -79,7 +78,7 @@ class FutureLeakCollator(GLMCollator):
         return batch
 
 
-def _our_losses(curve_data, output_dir, collator_class=GLMCollator) -> list:
+def _our_losses(curve_data, output_dir, collator_class=Collator) -> list:
     model = GLMForConditionalGeneration.from_pretrained(curve_data["model"], config=curve_data["config"])
     return _losses(GLMTrainer(model=model, args=_arguments(output_dir), train_dataset=curve_data["ours"],
                               data_collator=collator_class(curve_data["pad"]), lr_decay_ratio=DECAY_RATIO))

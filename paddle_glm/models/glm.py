@@ -17,14 +17,20 @@ Attention mask conventions (all masks are 0/1, 1 = may attend):
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle import Tensor
 from paddle.distributed.fleet.utils import recompute
-from paddlenlp.transformers import PretrainedModel, register_base_model
+from paddlenlp.transformers import (
+    AutoTokenizer, GLMChineseTokenizer, PretrainedModel, PretrainedTokenizer, register_base_model,
+)
 from paddlenlp.transformers.glm.configuration import (
     GLM_PRETRAINED_INIT_CONFIGURATION,
     GLM_PRETRAINED_RESOURCE_FILES_MAP,
@@ -34,9 +40,13 @@ from paddlenlp.transformers.glm.modeling import GLMPretrainedModel as _PaddleNLP
 from paddlenlp.transformers.model_outputs import CausalLMOutputWithCrossAttentions
 
 from ..parallel import VocabParallelEmbedding, tensor_parallel_degree
+from .family import Family, History, Template
 from .layers import KVCache, StrictLoading, attend, lm_head, loss_positions, mask_bias, parallel_linear
 
-__all__ = ["GLMConfig", "GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration"]
+__all__ = [
+    "GLMConfig", "GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration", "GLMSpecialIds", "GLMTemplate",
+    "GLMFamily", "FAMILY", "load_glm_tokenizer", "tokenizer_from_sentencepiece", "padded_training_example",
+]
 
 
 class GLMAttention(nn.Layer):
@@ -267,3 +277,181 @@ class GLMForConditionalGeneration(GLMPretrainedModel):
 def _default_position_ids(batch: int, length: int, start: int) -> Tensor:
     positions = paddle.arange(start, start + length, dtype="int64")
     return paddle.stack([positions, paddle.zeros_like(positions)]).unsqueeze(0).expand([batch, 2, length])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The GLM family: tokenizer, blank-infilling template, registry entry
+# ------------------------------------------------------------------------------------------------------------------
+
+# The special tokens GLM's blank infilling needs, by tokenizer attribute.
+SPECIAL_TOKEN_ATTRIBUTES = (
+    "pad_token_id", "eos_token_id", "cls_token_id", "sop_token_id", "eop_token_id", "gmask_token_id", "smask_token_id",
+)
+
+
+@dataclass(frozen=True)
+class GLMSpecialIds:
+    """The special token ids GLM's infilling format needs."""
+
+    pad: int
+    cls: int
+    eos: int
+    sop: int
+    eop: int
+    gmask: int
+    mask_ids: tuple  # every id that marks a blank ([MASK], [sMASK], [gMASK]); the first one found anchors part B
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "GLMSpecialIds":
+        masks = (tokenizer.mask_token_id, tokenizer.smask_token_id, tokenizer.gmask_token_id)
+        return cls(
+            pad=tokenizer.pad_token_id, cls=tokenizer.cls_token_id, eos=tokenizer.eos_token_id,
+            sop=tokenizer.sop_token_id, eop=tokenizer.eop_token_id, gmask=tokenizer.gmask_token_id,
+            mask_ids=tuple(m for m in masks if m is not None),
+        )
+
+
+def load_glm_tokenizer(name_or_path: str) -> PretrainedTokenizer:
+    """A GLM tokenizer from a model name, a checkpoint directory, or a sentencepiece `.model` file.
+
+    `GLMChineseTokenizer` built straight from a sentencepiece file maps every special token (`[gMASK]`,
+    `<|startofpiece|>`, ...) to id 0 until `sanitize_special_tokens()` runs; training on such ids silently teaches
+    the model nothing about the blank. Every tokenizer handed out is checked.
+    """
+    if os.path.isfile(name_or_path) and name_or_path.endswith(".model"):
+        return tokenizer_from_sentencepiece(name_or_path)
+    return _checked(AutoTokenizer.from_pretrained(name_or_path))
+
+
+def tokenizer_from_sentencepiece(model_file: str) -> GLMChineseTokenizer:
+    """A `GLMChineseTokenizer` over a sentencepiece model (e.g. `cog-pretrain.model`)."""
+    if not os.path.isfile(model_file):
+        raise FileNotFoundError(f"sentencepiece model not found: {model_file}")
+    return _checked(GLMChineseTokenizer(model_file=model_file))
+
+
+def _checked(tokenizer: PretrainedTokenizer) -> PretrainedTokenizer:
+    tokenizer.sanitize_special_tokens()
+    ids = {name: getattr(tokenizer, name, None) for name in SPECIAL_TOKEN_ATTRIBUTES}
+    missing = [name for name, value in ids.items() if value is None]
+    if missing:
+        raise ValueError(f"{type(tokenizer).__name__} is not a GLM tokenizer: it has no {', '.join(missing)}")
+    distinct = {name: value for name, value in ids.items() if name != "eos_token_id"}  # GLM: eos == pad
+    if len(set(distinct.values())) != len(distinct):
+        raise ValueError(f"GLM special tokens share ids, the tokenizer files are broken: {ids}")
+    return tokenizer
+
+
+class GLMTemplate(Template):
+    """GLM's generation format (THUDM's GLM and PaddleNLP's example):
+
+        part A (bidirectional):  [CLS] source... [gMASK] <|endoftext|>
+        part B (causal):         <|startofpiece|> target...        labels: target... <|endofpiece|>
+
+    Position ids are 2-D: row 0 counts 0, 1, ... over part A and stays at the mask's position over part B; row 1
+    is 0 over part A and counts 1, 2, ... over part B. A dialogue's history is rendered as `Human: ...` /
+    `Assistant: ...` lines (BELLE's own convention), ending with an open `Assistant:`.
+    """
+
+    position_step = (0, 1)
+
+    def __init__(self, tokenizer, special: Optional[GLMSpecialIds] = None):
+        super().__init__(tokenizer)
+        self.special = special or GLMSpecialIds.from_tokenizer(tokenizer)
+
+    @property
+    def stop_ids(self) -> Tuple[int, ...]:
+        return (self.special.eop,)
+
+    @property
+    def pad_id(self) -> int:
+        return self.special.pad
+
+    @property
+    def answer_start(self) -> Tuple[int, ...]:
+        return (self.special.sop,)
+
+    def render(self, query: str, history: History) -> List[int]:
+        if history:
+            rounds = "".join(f"Human: {q}\nAssistant: {a}\n" for q, a in history)
+            query = f"{rounds}Human: {query}\nAssistant:"
+        return self.render_cut(self.encode(query), None)
+
+    def render_cut(self, query_ids: List[int], room: Optional[int]) -> List[int]:
+        """GLM cuts ids directly: `[CLS] ids[:room] [gMASK] <|endoftext|>`."""
+        return [self.special.cls] + list(query_ids[:room]) + [self.special.gmask, self.special.eos]
+
+    def sep(self, prompt_ids: Sequence[int]) -> int:
+        return len(prompt_ids)
+
+    def positions(self, prompt_ids: Sequence[int], length: int) -> np.ndarray:
+        sep = len(prompt_ids)
+        mask = next((i for i, token in enumerate(prompt_ids) if token in self.special.mask_ids), None)
+        if mask is None:
+            raise ValueError("the source has no [MASK], [sMASK] or [gMASK] token: build it with the template")
+        return np.array([list(range(sep)) + [mask] * (length - sep), [0] * sep + list(range(1, length - sep + 1))],
+                        dtype="int64")
+
+    def special_ids(self) -> Dict[str, object]:
+        return {**super().special_ids(), "cls": self.special.cls, "eos": self.special.eos, "sop": self.special.sop,
+                "eop": self.special.eop, "gmask": self.special.gmask}
+
+
+def padded_training_example(template: GLMTemplate, prompt_ids: Sequence[int], target_ids: Sequence[int],
+                            src_length: int, tgt_length: int) -> Dict[str, np.ndarray]:
+    """The same example in PaddleNLP's reference layout, to compare against (tests, `bench/`).
+
+    The reference example pads part A to `src_length` and part B to `tgt_length`, passes a dense [1, S, S] 0/1
+    attention mask (as its tokenizer's `build_inputs_for_generation` makes it) and a float `loss_mask` over all S
+    positions; its model projects every position to the vocabulary.
+    """
+    special = template.special
+    target = list(target_ids)[: tgt_length - 1]
+    sep = len(prompt_ids)
+    if sep > src_length:
+        raise ValueError(f"the source has {sep} ids, more than src_length {src_length}")
+    length = src_length + tgt_length
+    part_b = [special.sop] + target + [special.eop] + [special.pad] * (tgt_length - len(target) - 1)  # tgt + 1
+    mask = np.zeros([length, length], dtype="int64")
+    mask[:, :sep] = 1  # part A, without its pads, is visible to every query
+    mask[src_length:, src_length:] = np.tril(np.ones([tgt_length, tgt_length], dtype="int64"))
+    mask_pos = int(template.positions(prompt_ids, sep + 1)[0, -1])
+    return {
+        "input_ids": np.array(list(prompt_ids) + [special.pad] * (src_length - sep) + part_b[:-1], dtype="int64"),
+        "position_ids": np.array(
+            [list(range(src_length)) + [mask_pos] * tgt_length, [0] * src_length + list(range(1, tgt_length + 1))],
+            dtype="int64",
+        ),
+        "attention_mask": mask[None],
+        "labels": np.array([0] * src_length + part_b[1:], dtype="int64"),
+        "loss_mask": np.array([0] * src_length + [1] * (len(target) + 1) + [0] * (tgt_length - len(target) - 1),
+                              dtype="float32"),
+    }
+
+
+class GLMFamily(Family):
+    """THUDM's GLM (glm-large-chinese, glm-10b-chinese): blank infilling, 2-D positions, learned embeddings."""
+
+    name = "glm"
+    model_types = ("glm",)
+    name_patterns = ("glm",)
+    tokenizer_classes = ("GLMChineseTokenizer", "GLMGPT2Tokenizer", "GLMBertTokenizer")
+    position_rows = 2
+
+    @property
+    def model_class(self):
+        return GLMForConditionalGeneration
+
+    def load_tokenizer(self, name_or_path: str):
+        return load_glm_tokenizer(name_or_path)
+
+    def template(self, tokenizer) -> GLMTemplate:
+        return GLMTemplate(tokenizer)
+
+    def prepare_export(self, model) -> None:
+        for layer in model.sublayers():
+            if isinstance(layer, GLMMLP):
+                layer.gelu_as_formula = True  # survives paddle2onnx exactly (see GLMMLP)
+
+
+FAMILY = GLMFamily()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from paddle_glm.data import DataError
+from paddle_glm.data import DataError, Sample
 from tasks import belle
 
 WHERE = "belle.json:5"
@@ -37,8 +37,8 @@ def test_to_pairs_conversations_give_one_pair_per_assistant_turn():
         {"from": "gpt", "value": "好的。"},
     ]}
     assert belle.to_pairs(record, WHERE) == [
-        ("Human: 你好\nAssistant:", "你好！有什么可以帮你？"),
-        ("Human: 你好\nAssistant: 你好！有什么可以帮你？\nHuman: 讲个笑话\nAssistant:", "好的。"),
+        Sample("你好", "你好！有什么可以帮你？"),
+        Sample("讲个笑话", "好的。", (("你好", "你好！有什么可以帮你？"),)),
     ]
 
 
@@ -52,7 +52,7 @@ def test_to_pairs_conversations_accept_role_content_and_user_assistant():
         {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"},
     ]}
     assert belle.to_pairs(aliased, WHERE) == belle.to_pairs(plain, WHERE)
-    assert [target for _, target in belle.to_pairs(aliased, WHERE)] == ["a1", "a2"]
+    assert [pair.target for pair in belle.to_pairs(aliased, WHERE)] == ["a1", "a2"]
 
 
 def test_to_pairs_unknown_role_names_the_turn():
@@ -76,8 +76,8 @@ def test_to_pairs_conversation_turn_missing_value_names_the_turn():
 def test_to_pairs_text_dialogue_gives_pair_per_assistant_turn():
     record = {"instruction": "Human: q1\nAssistant: a1\nHuman: q2", "input": "", "output": "a2"}
     assert belle.to_pairs(record, WHERE) == [
-        ("Human: q1\nAssistant:", "a1"),
-        ("Human: q1\nAssistant: a1\nHuman: q2\nAssistant:", "a2"),
+        Sample("q1", "a1"),
+        Sample("q2", "a2", (("q1", "a1"),)),
     ]
 
 
@@ -85,8 +85,8 @@ def test_to_pairs_text_dialogue_with_open_assistant_turn():
     # BelleGroup/multiturn_chat_0.8M ends every instruction with an open "Assistant:" that `output` answers.
     record = {"instruction": "Human:你好\nAssistant:你好！\nHuman:今天天气如何\nAssistant:", "input": "", "output": "晴天"}
     assert belle.to_pairs(record, WHERE) == [
-        ("Human: 你好\nAssistant:", "你好！"),
-        ("Human: 你好\nAssistant: 你好！\nHuman: 今天天气如何\nAssistant:", "晴天"),
+        Sample("你好", "你好！"),
+        Sample("今天天气如何", "晴天", (("你好", "你好！"),)),
     ]
 
 
