@@ -66,13 +66,21 @@ def parallel_linear(config, in_features: int, out_features: int, split: str, bia
     return layer(in_features, out_features, bias=bias)
 
 
-def attend(query: Tensor, key: Tensor, value: Tensor, bias: Tensor, dropout: nn.Layer,
-           use_flash_attention: bool = False) -> Tensor:
+def attend(query: Tensor, key: Tensor, value: Tensor, bias: Tensor, dropout: Optional[nn.Layer],
+           use_flash_attention: bool = False, coeff: float = 1.0, fill: Optional[float] = None) -> Tensor:
     """softmax(q k^T / sqrt(head_dim) + bias) v over [B, len, heads, head_dim] tensors -> [B, q, heads, head_dim].
 
     `key`/`value` may hold fewer heads than `query` (multi-query attention): query head h reads K/V group
     h // (heads / groups). The queries are scaled, not the (q, k) scores: in a decode step q = 1 while k is
-    the whole cache.
+    the whole cache. `dropout` may be None (families without attention dropout).
+
+    THUDM's ChatGLM-6B attention, which its weights were trained with, takes two options:
+    - `coeff` (query-key layer scaling): the queries are scaled by 1 / (sqrt(head_dim) * coeff) and the float32
+      scores multiplied back by `coeff`, which keeps half-precision scores in range;
+    - `fill`: masked scores (where `bias` is negative) are *replaced* by `fill` before that multiplication rather
+      than biased, so a fully masked (padding) row attends uniformly instead of by its raw scores.
+    The fused path ignores both: `coeff` cancels mathematically, and with the additive bias only fully masked
+    rows, which no other position reads, come out differently.
     """
     heads, groups = query.shape[2], key.shape[2]
     if groups != heads:
@@ -80,14 +88,24 @@ def attend(query: Tensor, key: Tensor, value: Tensor, bias: Tensor, dropout: nn.
         value = paddle.repeat_interleave(value, heads // groups, axis=2)
     if use_flash_attention:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=bias.astype(query.dtype),
-                                              dropout_p=dropout.p, training=dropout.training)
-    query = query.transpose([0, 2, 1, 3]) * (1.0 / math.sqrt(query.shape[-1]))  # (B, nh, q, hd)
+                                              dropout_p=dropout.p if dropout is not None else 0.0,
+                                              training=dropout is not None and dropout.training)
+    query = query.transpose([0, 2, 1, 3]) * (1.0 / (math.sqrt(query.shape[-1]) * coeff))  # (B, nh, q, hd)
     key = key.transpose([0, 2, 1, 3])  # (B, nh, k, hd)
     value = value.transpose([0, 2, 1, 3])  # (B, nh, k, hd)
-    scores = paddle.matmul(query, key, transpose_y=True).astype("float32")  # (B, nh, q, k)
+    scores = paddle.matmul(query, key, transpose_y=True)  # (B, nh, q, k)
+    if scores.dtype != paddle.float64:  # softmax in float32 at least
+        scores = scores.astype("float32")
     # In place: every (q, k)-sized pass that allocates costs as much as the pass itself on CPU.
-    probs = F.softmax_(scores.add_(bias), axis=-1)
-    probs = dropout(probs.astype(value.dtype))
+    if fill is None:
+        scores = scores.add_(bias)
+    else:
+        scores = scores.masked_fill_(bias < 0, fill)
+    if coeff != 1.0:
+        scores = scores.scale_(coeff)
+    probs = F.softmax_(scores, axis=-1).astype(value.dtype)
+    if dropout is not None:
+        probs = dropout(probs)
     return paddle.matmul(probs, value).transpose([0, 2, 1, 3])
 
 

@@ -1,0 +1,27 @@
+"""Runs under `paddle.distributed.launch --nproc_per_node N`: loads a tp=1 ChatGLM checkpoint split over the N ranks
+and saves the logits, loss and gradient shards that test_chatglm.py compares with the one-process model."""
+import sys
+
+import numpy as np
+
+
+def main(checkpoint: str, output: str) -> None:
+    import paddle.distributed as dist
+    from paddle.distributed import fleet
+
+    from paddle_glm.models.chatglm import ChatGLMForCausalLM
+    from tp_worker import forward_backward
+
+    strategy = fleet.DistributedStrategy()
+    strategy.hybrid_configs = {"dp_degree": 1, "mp_degree": dist.get_world_size(), "pp_degree": 1}
+    fleet.init(is_collective=True, strategy=strategy)
+    rank = fleet.get_hybrid_communicate_group().get_model_parallel_rank()
+    model = ChatGLMForCausalLM.from_pretrained(
+        checkpoint, tensor_parallel_degree=dist.get_world_size(), tensor_parallel_rank=rank)
+    result = forward_backward(model, dict(np.load(f"{checkpoint}/inputs.npz")))
+    np.savez(f"{output}/rank{rank}.npz", logits=result["logits"], loss=result["loss"],
+             **{f"grad:{k}": v for k, v in result["grads"].items()})
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
