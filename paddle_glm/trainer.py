@@ -7,12 +7,13 @@ BLEU-4 / ROUGE on characters and writes `OUTPUT_DIR/<prefix>_predictions.jsonl`.
 
 Checkpoints are atomic: each is written to `OUTPUT_DIR/tmp-checkpoint-N` and renamed to `checkpoint-N` once
 complete, so a run killed while saving never leaves a `checkpoint-N` that `--resume_from_checkpoint` or
-`get_last_checkpoint` would take. A resumed run ends with the same weights and losses as an uninterrupted one
-(same batches, same dropout masks).
+`get_last_checkpoint` would take. A resumed run ends with the same step count, losses and (on CPU, bit for bit)
+weights as an uninterrupted one: same batches, none past --max_steps, same dropout masks.
 """
 from __future__ import annotations
 
 import glob
+import itertools
 import math
 import os
 import shutil
@@ -31,10 +32,34 @@ from .decoding import DecodingConfig
 from .generation import generate
 from .metrics import generation_metrics
 
-__all__ = ["GLMTrainer", "PARTIAL_PREFIX"]
+__all__ = ["GLMTrainer", "PARTIAL_PREFIX", "StepLimitedBatchSampler"]
 
 PARTIAL_PREFIX = "tmp-"  # OUTPUT_DIR/tmp-checkpoint-N: a checkpoint being written (or left by a crash)
 TRAINER_STATE_NAME = "trainer_state.json"
+
+
+class StepLimitedBatchSampler(DistributedBatchSampler):
+    """`paddle.io.DistributedBatchSampler` whose last epoch ends with the batch of the run's last optimizer step.
+
+    Works around PaddleNLP 2.8.1's `Trainer._inner_training_loop`, which tests `global_step >= max_steps` only after
+    training a step: resumed from a checkpoint inside an epoch, it skips the batches already trained, then trains the
+    next one before looking. From the last checkpoint of a 30-step run it trained a 31st step (and rerunning a
+    finished command did the same). With no batch after the last step's, the epoch ends there and nothing more is
+    trained; an uninterrupted run stops at that batch anyway, so it draws exactly the batches it drew before.
+    """
+
+    def __init__(self, dataset, *, max_steps: int, num_train_epochs: float, accumulation: int, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.accumulation = accumulation
+        self.steps_per_epoch = max(len(self) // accumulation, 1)  # as `Trainer.train` counts them
+        self.max_steps = max_steps if max_steps > 0 else int(self.steps_per_epoch * num_train_epochs)
+
+    def __iter__(self):
+        steps_left = self.max_steps - self.epoch * self.steps_per_epoch  # read before `super().__iter__` bumps epoch
+        batches = super().__iter__()
+        if steps_left >= self.steps_per_epoch:
+            return batches  # a full epoch, with any batches that do not fill an accumulation
+        return itertools.islice(batches, max(steps_left, 0) * self.accumulation)
 
 
 class GLMTrainer(Trainer):
@@ -58,10 +83,11 @@ class GLMTrainer(Trainer):
     def _get_train_sampler(self):
         # One sampler for every world size: its shuffle depends only on the epoch, so a one-process run,
         # a tensor-parallel run and a resumed run all see the same batches in the same order.
-        return DistributedBatchSampler(
+        return StepLimitedBatchSampler(
             self.train_dataset, batch_size=self.args.per_device_train_batch_size, shuffle=True,
             num_replicas=self.args.dataset_world_size, rank=self.args.dataset_rank,
-            drop_last=self.args.dataloader_drop_last,
+            drop_last=self.args.dataloader_drop_last, max_steps=self.args.max_steps,
+            num_train_epochs=self.args.num_train_epochs, accumulation=self.args.gradient_accumulation_steps,
         )
 
     def _wrap_model(self, model, training=True):
