@@ -88,7 +88,9 @@ class ModelArguments:
     )
     lr_decay_ratio: float = field(
         default=0.1,
-        metadata={"help": "After warm-up the learning rate decays linearly to this fraction of --learning_rate."},
+        metadata={"help": "With --lr_scheduler_type linear (the default): after warm-up the learning rate decays linearly "
+                          "to this fraction of --learning_rate (0: to zero, PaddleNLP's linear schedule). Other "
+                          "--lr_scheduler_type values are PaddleNLP's schedules."},
     )
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r (also accepted as --r)."})

@@ -23,7 +23,7 @@ import paddle
 from paddle.io import DistributedBatchSampler
 import paddlenlp.trainer.trainer as paddlenlp_trainer
 from paddlenlp.trainer import Trainer, get_last_checkpoint
-from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR, get_scheduler
+from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType, get_scheduler
 from paddlenlp.utils.log import logger
 from tqdm import tqdm
 
@@ -175,6 +175,8 @@ class GLMTrainer(Trainer):
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def create_scheduler(self, num_training_steps: int):
+        if self.args.lr_scheduler_type != SchedulerType.LINEAR:  # cosine, constant, polynomial, ...: PaddleNLP's
+            return super().create_scheduler(num_training_steps)
         if self.lr_scheduler is None:
             warmup = self.args.warmup_steps or int(self.args.warmup_ratio * num_training_steps)
             # PaddleNLP's polynomial schedule with power 1 is exactly warm-up + linear decay to lr_end.

@@ -226,3 +226,24 @@ def test_finetune_script_runs_unchanged_under_paddle_distributed_launch(demo_bas
     assert done.returncode == 0, done.stdout[-3000:] + logs[-3000:]
     assert "Total Batch size = 8" in logs  # 4 per device x 2 data-parallel ranks
     assert json.load(open(tmp_path / "out" / "eval_results.json"))["eval_bleu4"] >= 0.0
+
+
+def test_lr_scheduler_type_other_than_linear_is_paddlenlps_schedule(demo_base, tmp_path):
+    """--lr_scheduler_type cosine is not silently replaced by our linear decay to --lr_decay_ratio."""
+    from paddlenlp.trainer.trainer_utils import get_scheduler
+
+    from paddle_glm.trainer import GLMTrainer
+
+    *_, training_args = parse_arguments(_common_flags(demo_base, tmp_path, warmup_steps=2, max_steps=10,
+                                                      lr_scheduler_type="cosine"), "x")
+    model = GLMForConditionalGeneration.from_pretrained(demo_base["model"])
+    trainer = GLMTrainer(model=model, args=training_args, lr_decay_ratio=0.25)
+    scheduler = trainer.create_scheduler(10)
+    expected = get_scheduler("cosine", learning_rate=1e-3, num_warmup_steps=2, num_training_steps=10)
+    rates = []
+    for _ in range(11):
+        rates.append((scheduler.get_lr(), expected.get_lr()))
+        scheduler.step()
+        expected.step()
+    assert [a for a, _ in rates] == pytest.approx([b for _, b in rates])
+    assert rates[10][0] == pytest.approx(0.0, abs=1e-9)  # cosine ends at zero, not at 0.25 x the peak
