@@ -141,11 +141,10 @@ def predict_records(records: List[dict], template, io: IOArguments, src_length: 
             prompts.append(template.generation_example(ids))
         sequences = decode_batch(prompts).sequences
         for position, index in enumerate(batch):
-            texts = [template.decode(s)
-                     for s in sequences[position * per_prompt:(position + 1) * per_prompt]]
+            texts = [template.response(s) for s in sequences[position * per_prompt:(position + 1) * per_prompt]]
             outputs[index] = {**records[index], "prediction": texts[0] if per_prompt == 1 else texts}
             if "reference" in outputs[index]:  # scored as training evaluation scores: through the tokenizer
-                outputs[index]["reference"] = template.decode(template.target_ids(outputs[index]["reference"]))
+                outputs[index]["reference"] = template.response(template.target_ids(outputs[index]["reference"]))
     if truncated:
         logger.warning(f"truncated {truncated} of {len(valid)} sources to --src_length {src_length} tokens "
                        "(their end dropped)")

@@ -177,7 +177,7 @@ def tokenize_pairs(pairs: List[TextPair], template, src_length: int, tgt_length:
         dataset.prompts.append(template.generation_example(prompt_ids))
         dataset.sources.append(sample.source)
         dataset.targets.append(sample.target)
-        dataset.references.append(template.decode(target_ids[: tgt_length - 1]))
+        dataset.references.append(template.response(target_ids[: tgt_length - 1]))
     if truncated_sources or truncated_targets:
         logger.warning(
             f"truncated {truncated_sources} of {len(pairs)} sources to --src_length {src_length} (dialogue history "

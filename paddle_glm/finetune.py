@@ -91,6 +91,7 @@ def main(argv: Optional[List[str]] = None, demo: str = "finetune_argument.json",
         label_smoothing=model_args.label_smoothing,
         lr_decay_ratio=model_args.lr_decay_ratio,
         decoding=gen_args.decoding_config(template, max_length=data_args.tgt_length),
+        template=template,
     )
     run(trainer, model_args, datasets, training_args)
 

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-__all__ = ["Example", "Collator", "generation_batch", "prefill_attention_mask"]
+__all__ = ["Example", "Collator", "generation_batch", "prefill_attention_mask", "model_positions"]
 
 Example = Dict[str, np.ndarray]
 
@@ -38,11 +38,18 @@ class Collator:
             else:
                 pad_value = self._PAD_VALUES.get(key, self.pad_token_id)
                 batch[key] = np.stack([_pad_right(v, length, pad_value) for v in values])
+        if "position_ids" in batch:
+            batch["position_ids"] = model_positions(batch["position_ids"])
         if self.return_tensors == "pd":
             import paddle
 
             return {key: paddle.to_tensor(value) for key, value in batch.items()}
         return batch
+
+
+def model_positions(position_ids: np.ndarray) -> np.ndarray:
+    """[B, P, S] as models take them: [B, 2, S] for 2-D positions, [B, S] for 1-D ones (ChatGLM2/3)."""
+    return position_ids if position_ids.shape[1] > 1 else position_ids[:, 0]
 
 
 def _pad_right(array: np.ndarray, length: int, value) -> np.ndarray:

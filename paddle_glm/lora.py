@@ -2,8 +2,10 @@
 
 With tensor parallelism the adapters of our column/row-parallel layers are laid out as PaddleNLP's
 (column: A [in, r] replicated, B [r, out/N] split; row: A [in/N, r] split, B [r, out] replicated) and saved
-whole or as `lora_model_state.tpXX.pdparams` shards, with one fix: the QKV adapter's B is split per head,
-as the QKV weight is (PaddleNLP splits it as a plain column, misaligned with the weight shard it adapts).
+whole or as `lora_model_state.tpXX.pdparams` shards, with one fix: an adapter tensor split across ranks follows the
+split rule of the weight it adapts, as the model class defines it (GLM's per-head QKV, ChatGLM2/3's [Q | K | V]
+blocks with replicated K/V groups and [gate | up] halves). PaddleNLP splits them as plain blocks, misaligned with
+the weight shards they adapt.
 """
 from __future__ import annotations
 
@@ -11,15 +13,14 @@ import json
 import math
 import os
 import re
-from functools import partial
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 from paddle import Tensor
 from .logs import logger
 from paddlenlp.peft import LoRAConfig, LoRAModel
-from paddlenlp.transformers.conversion_utils import split_or_merge_func
 
 from .args import InputError
 from .parallel import (
@@ -98,13 +99,18 @@ class GLMLoRAModel(LoRAModel):
         setattr(parent, attribute, lora_class(module, lora_config))
         self.add_lora_split_mapping(f"{module_name}.{split}", is_column=is_column)
 
+    def __init__(self, model, lora_config: LoRAConfig) -> None:
+        super().__init__(model, lora_config)
+        _family(model).prepare_lora(self)
+
     def _get_tensor_parallel_mappings(self, config, is_split=True):
+        """A column layer's B [r, out] is split as its weight's columns, a row layer's A [in, r] as its weight's
+        rows: by the weight's own rule."""
         mappings = super()._get_tensor_parallel_mappings(config, is_split)
-        fn = split_or_merge_func(is_split, config.tensor_parallel_degree, config.tensor_parallel_rank,
-                                 config.num_attention_heads)
         for name in mappings:
-            if name.endswith("query_key_value.lora_B"):
-                mappings[name] = partial(fn, is_column=True, is_old_qkv=True)  # as the weight's rule
+            rule = _weight_rule(self.model, name.rsplit(".", 1)[0], config, is_split)
+            if rule is not None:
+                mappings[name] = rule
         return mappings
 
     def mark_only_lora_as_trainable(self) -> None:
@@ -120,10 +126,36 @@ class GLMLoRAModel(LoRAModel):
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "lora_config.json", "lora_model_state.pdparams"
 
 
-def _default_targets(model: paddle.nn.Layer) -> List[str]:
+def _family(model: paddle.nn.Layer):
     from .models import family_of
 
-    return list(family_of(model.config).lora_targets)
+    return family_of(model.config)
+
+
+def _default_targets(model: paddle.nn.Layer) -> List[str]:
+    return list(_family(model).lora_targets)
+
+
+def _weight_rule(model: paddle.nn.Layer, layer_name: str, config, is_split: bool) -> Optional[Callable]:
+    """The model class's tensor-parallel rule for the weight of `layer_name` (its keys are under the base model)."""
+    prefix = model.base_model_prefix + "."
+    key = (layer_name[len(prefix):] if layer_name.startswith(prefix) else layer_name) + ".weight"
+    return type(model)._get_tensor_parallel_mappings(config, is_split=is_split).get(key)
+
+
+def _whole_weight_shape(model: paddle.nn.Layer, name: str, layer: nn.Layer) -> Tuple[int, int]:
+    """[in, out] of a layer's whole weight, from this rank's shard joined by the weight's rule: a column layer's
+    shards can be wider than 1/N of it (ChatGLM2's K/V groups replicated over ranks)."""
+    fan_in, fan_out = (int(d) for d in layer.weight.shape)
+    degree = tensor_parallel_degree(model.config)
+    column = isinstance(layer, ColumnParallelLinear)
+    if degree == 1 or not (column or isinstance(layer, RowParallelLinear)):
+        return fan_in, fan_out
+    join = _weight_rule(model, name, model.config, is_split=False)
+    if join is None:
+        return (fan_in, fan_out * degree) if column else (fan_in * degree, fan_out)
+    joined = join([np.zeros([1, fan_out] if column else [fan_in, 1], dtype="float32")] * degree).shape
+    return (fan_in, joined[-1]) if column else (joined[0], fan_out)
 
 
 def _example_layer(model: paddle.nn.Layer) -> str:
@@ -221,10 +253,7 @@ def check_adapter(model: paddle.nn.Layer, lora_path: str) -> None:
     rank = config.get("r", LoRAConfig().r)
     problems: List[str] = []
     for name, layer in layers.items():
-        fan_in, fan_out = (int(d) for d in layer.weight.shape)
-        # the adapter is whole; a tensor-parallel layer holds 1/N of its output (column) or input (row) features
-        fan_out *= model_degree if isinstance(layer, ColumnParallelLinear) else 1
-        fan_in *= model_degree if isinstance(layer, RowParallelLinear) else 1
+        fan_in, fan_out = _whole_weight_shape(model, name, layer)  # the adapter is whole
         for part, shape in (("lora_A", [fan_in, rank]), ("lora_B", [rank, fan_out])):
             key = f"{name}.{part}"
             if key not in state:

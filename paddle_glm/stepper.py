@@ -12,7 +12,7 @@ from typing import Dict
 
 import numpy as np
 
-from .inputs import prefill_attention_mask
+from .inputs import model_positions, prefill_attention_mask
 
 __all__ = ["CachedStepper"]
 
@@ -29,13 +29,13 @@ class CachedStepper:
         input_ids, position_ids, key_mask, sep, step = (
             self.batch[k][rows] for k in ("input_ids", "position_ids", "key_mask", "sep", "position_step"))
         self.key_mask, self.positions, self.position_step = key_mask, position_ids[:, :, -1], step
-        return self._forward(input_ids, _model_positions(position_ids), prefill_attention_mask(key_mask, sep),
+        return self._forward(input_ids, model_positions(position_ids), prefill_attention_mask(key_mask, sep),
                              prefill=True)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         self.positions = self.positions + self.position_step
         self.key_mask = np.concatenate([self.key_mask, np.ones([len(tokens), 1], dtype="float32")], axis=1)
-        return self._forward(tokens[:, None], _model_positions(self.positions[:, :, None]),
+        return self._forward(tokens[:, None], model_positions(self.positions[:, :, None]),
                              self.key_mask[:, None, None, :], prefill=False)
 
     def reorder(self, index: np.ndarray) -> None:
@@ -50,8 +50,3 @@ class CachedStepper:
 
     def _reorder_cache(self, index: np.ndarray) -> None:
         raise NotImplementedError
-
-
-def _model_positions(position_ids: np.ndarray) -> np.ndarray:
-    """[N, P, S] as the model takes them: [N, 2, S] for 2-D positions, [N, S] for 1-D ones."""
-    return position_ids if position_ids.shape[1] > 1 else position_ids[:, 0]

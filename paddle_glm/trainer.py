@@ -68,15 +68,19 @@ class GLMTrainer(Trainer):
     - `label_smoothing` applies to the training loss only, so `eval_loss` and `eval_ppl` stay true
       negative log-likelihoods;
     - the learning rate warms up, then decays linearly to `lr_decay_ratio` x its peak;
-    - `decoding` (a `DecodingConfig`) drives generation in `evaluate`; None skips it.
+    - `decoding` (a `DecodingConfig`) drives generation in `evaluate`; None skips it. The family's `template`
+      turns what is generated into answers (`Template.response`).
     """
 
     def __init__(self, *args, label_smoothing: float = 0.0, lr_decay_ratio: float = 0.1,
-                 decoding: Optional[DecodingConfig] = None, **kwargs):
+                 decoding: Optional[DecodingConfig] = None, template=None, **kwargs):
         super().__init__(*args, **kwargs)
+        if decoding is not None and template is None:
+            raise ValueError("GLMTrainer: decoding in evaluation needs the family's template to read the answers")
         self.label_smoothing = label_smoothing
         self.lr_decay_ratio = lr_decay_ratio
         self.decoding = decoding
+        self.template = template
         self._resume_rng_from: Optional[str] = None  # checkpoint whose RNG states are still to be restored
         self._rotation_paused = False
 
@@ -210,7 +214,7 @@ class GLMTrainer(Trainer):
                           disable=self.args.disable_tqdm or not self.is_world_process_zero()):
             result = generate(self.model, dataset.prompts[start:start + batch_size], self.decoding)
             per_prompt = self.decoding.num_return_sequences
-            predictions += [self.tokenizer.decode(seq, skip_special_tokens=True) for seq in result.sequences[::per_prompt]]
+            predictions += [self.template.response(seq) for seq in result.sequences[::per_prompt]]
         metrics = {f"{prefix}_{name}": value for name, value in generation_metrics(predictions, dataset.references).items()}
         if self.is_world_process_zero():
             self._write_predictions(dataset, predictions, f"{prefix}_predictions.jsonl")

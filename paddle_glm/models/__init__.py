@@ -11,11 +11,13 @@ import os
 from typing import Dict, Union
 
 from .family import Family, Template
+from .chatglm import FAMILY as CHATGLM
+from .chatglm2 import FAMILY as CHATGLM2
 from .glm import FAMILY as GLM
 
 __all__ = ["FAMILIES", "Family", "Template", "family_of", "load_model", "load_tokenizer", "load_template"]
 
-FAMILIES: Dict[str, Family] = {family.name: family for family in (GLM,)}
+FAMILIES: Dict[str, Family] = {family.name: family for family in (GLM, CHATGLM, CHATGLM2)}
 
 
 def family_of(source: Union[str, dict, object]) -> Family:

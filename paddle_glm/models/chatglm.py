@@ -30,26 +30,31 @@ Inputs:
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle import Tensor
 from paddle.distributed.fleet.utils import recompute
-from paddlenlp.transformers import PretrainedModel, register_base_model
+from paddlenlp.transformers import PretrainedModel, PretrainedTokenizer, register_base_model
 from paddlenlp.transformers.chatglm.configuration import CHATGLM_PRETRAINED_RESOURCE_FILES_MAP, ChatGLMConfig
 from paddlenlp.transformers.chatglm.modeling import ChatGLMPretrainedModel as _PaddleNLPChatGLMPretrainedModel
+from paddlenlp.transformers.chatglm.tokenizer import ChatGLMTokenizer as _PaddleNLPChatGLMTokenizer
 from paddlenlp.transformers.conversion_utils import StateDictNameMapping
 from paddlenlp.transformers.model_outputs import CausalLMOutputWithCrossAttentions
 from paddlenlp.utils.initializer import normal_, ones_, zeros_
 
 from ..parallel import VocabParallelEmbedding, tensor_parallel_degree
+from .family import Family, History, Template
 from .glm import _default_position_ids
 from .layers import KVCache, StrictLoading, attend, lm_head, loss_positions, mask_bias, parallel_linear
 
 __all__ = ["ChatGLMConfig", "ChatGLMModel", "ChatGLMPretrainedModel", "ChatGLMForCausalLM",
-           "rotary_inverse_frequencies", "rotary_tables", "apply_rotary"]
+           "rotary_inverse_frequencies", "rotary_tables", "apply_rotary", "ChatGLMTokenizer", "load_chatglm_tokenizer",
+           "ChatGLMTemplate", "ChatGLMFamily", "FAMILY"]
 
 ROTARY_BASE = 10000.0
 MASK_FILL = -10000.0  # THUDM's masked_fill value for attention scores
@@ -337,3 +342,160 @@ class ChatGLMForCausalLM(ChatGLMPretrainedModel):
             outputs = (logits, new_cache)
             return ((loss,) + outputs) if loss is not None else outputs
         return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits, past_key_values=new_cache)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The ChatGLM-6B family: tokenizer, THUDM's chat template, registry entry
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class ChatGLMTokenizer(_PaddleNLPChatGLMTokenizer):
+    """PaddleNLP 2.8.1's tokenizer for `ice_text.model` (same files, same ids), decoding as THUDM's does.
+
+    A token id is its sentencepiece id + `num_image_tokens`: icetk's 20,000 image tokens came first (the first
+    release's vocabulary of 150,528); the 130k release dropped them from the embeddings and sets 0. PaddleNLP's
+    `_decode` subtracts that offset and then converts the ids with `_convert_id_to_token`, which subtracts it
+    again, so with an offset every text token decodes as another one. THUDM, not PaddleNLP: image and pad ids are
+    dropped, the others converted as they are.
+    """
+
+    def _decode(self, token_ids: List[int], skip_special_tokens: bool = False,
+                clean_up_tokenization_spaces: bool = True, spaces_between_special_tokens: bool = True, **kwargs) -> str:
+        text_ids = [int(i) for i in token_ids if int(i) >= self.num_image_tokens and int(i) != self.pad_token_id]
+        return PretrainedTokenizer._decode(self, text_ids, skip_special_tokens, clean_up_tokenization_spaces,
+                                           spaces_between_special_tokens, **kwargs)
+
+
+def load_chatglm_tokenizer(name_or_path: str) -> ChatGLMTokenizer:
+    """ChatGLM-6B's tokenizer from a checkpoint directory or a PaddleNLP model name, its special pieces checked."""
+    return _checked(ChatGLMTokenizer.from_pretrained(name_or_path))
+
+
+def _checked(tokenizer: ChatGLMTokenizer) -> ChatGLMTokenizer:
+    """Each piece the template needs must be one of the sentencepiece model's, at its id + the offset: PaddleNLP
+    gives a missing special token a new id past the vocabulary (one that no checkpoint trained), and a missing
+    "<n>" reads as <unk>."""
+    sp = tokenizer.sp_tokenizer
+    pieces = [tokenizer.mask_token, tokenizer.gmask_token, tokenizer.bos_token, tokenizer.eos_token,
+              tokenizer.pad_token, "<n>"]  # "<n>" stands for every new line of the chat template
+    missing = [piece for piece in pieces if sp.PieceToId(piece) == sp.unk_id()
+               or tokenizer.convert_tokens_to_ids(piece) != sp.PieceToId(piece) + tokenizer.num_image_tokens]
+    if missing:
+        raise ValueError(f"{tokenizer.vocab_file} is not ChatGLM-6B's ice_text.model: it has no piece "
+                         f"{', '.join(missing)}")
+    return tokenizer
+
+
+FULL_WIDTH = ((",", "，"), ("!", "！"), (":", "："), (";", "；"), ("?", "？"))  # THUDM's process_response
+
+
+class ChatGLMTemplate(Template):
+    r"""THUDM's `chat()` format for ChatGLM-6B, and its tokenizer's special tokens, positions and masks:
+
+        prompt:   text... [gMASK]              (bidirectional)      text = the query, or with a history
+        answer:   <sop> target...              (causal)             "[Round 0]\n问：q0\n答：a0\n...[Round n]\n问：query\n答："
+        labels:         target... <eop>
+
+    THUDM's tokenizer appends `[gMASK] <sop>` to a text; here the prompt ends with `[gMASK]` and `<sop>` opens the
+    answer (`answer_start`), so the prefix before `<sop>` is bidirectional (sep = the index of `<sop>`). Positions
+    are 2-D: row 0 counts 0, 1, ... over the prompt and stays at the mask's position ([MASK] if the text holds one,
+    else [gMASK], as THUDM) from `<sop>` on; row 1 is 0 over the prompt and counts 1, 2, ... from `<sop>` on.
+    """
+
+    position_step = (0, 1)
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        convert = tokenizer.convert_tokens_to_ids
+        self.mask, self.gmask = convert(tokenizer.mask_token), convert(tokenizer.gmask_token)
+        self.sop, self.eop = convert(tokenizer.bos_token), convert(tokenizer.eos_token)
+
+    @property
+    def stop_ids(self) -> Tuple[int, ...]:
+        return (self.eop,)
+
+    @property
+    def answer_start(self) -> Tuple[int, ...]:
+        return (self.sop,)
+
+    @staticmethod
+    def text(query: str, history: History) -> str:
+        """The prompt text of THUDM's `ChatGLMForConditionalGeneration.chat` (rounds counted from 0)."""
+        if not history:
+            return query
+        rounds = "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(history))
+        return f"{rounds}[Round {len(history)}]\n问：{query}\n答："
+
+    def render(self, query: str, history: History) -> List[int]:
+        return self.render_cut(self.encode(self.text(query, history)), None)
+
+    def response(self, ids: Sequence[int]) -> str:
+        """THUDM's `process_response`, which `chat()` applies: ice_text's NFKC normalisation writes full-width
+        punctuation in ASCII ("，" -> ","), and beside a Chinese character it is written full-width again."""
+        text = self.decode(ids).strip().replace("[[训练时间]]", "2023年")
+        for ascii_mark, full_width in FULL_WIDTH:
+            text = re.sub(rf"([\u4e00-\u9fff]){re.escape(ascii_mark)}", rf"\1{full_width}", text)
+            text = re.sub(rf"{re.escape(ascii_mark)}([\u4e00-\u9fff])", rf"{full_width}\1", text)
+        return text
+
+    def render_cut(self, query_ids: List[int], room: Optional[int]) -> List[int]:
+        """Ids are cut directly, as THUDM's fine-tuning script cuts them: `ids[:room] [gMASK]`."""
+        return list(query_ids[:room]) + [self.gmask]
+
+    def sep(self, prompt_ids: Sequence[int]) -> int:
+        return len(prompt_ids)  # the index of <sop>
+
+    def positions(self, prompt_ids: Sequence[int], length: int) -> np.ndarray:
+        sep = len(prompt_ids)
+        anchor = self.mask if self.mask in prompt_ids else self.gmask
+        if anchor not in prompt_ids:
+            raise ValueError("the prompt has no [MASK] or [gMASK] token: build it with the template")
+        mask = list(prompt_ids).index(anchor)
+        return np.array([list(range(sep)) + [mask] * (length - sep), [0] * sep + list(range(1, length - sep + 1))],
+                        dtype="int64")
+
+    def special_ids(self) -> Dict[str, object]:
+        return {**super().special_ids(), "mask": self.mask, "gmask": self.gmask, "sop": self.sop, "eop": self.eop}
+
+
+class ChatGLMFamily(Family):
+    """THUDM's ChatGLM-6B (chatglm-6b, chatglm-6b-v1.1): 2-D rotary positions, [gMASK] <sop> prompts."""
+
+    name = "chatglm"
+    model_types = ("chatglm",)
+    name_patterns = ("chatglm",)  # chatglm2/chatglm3 names: the ChatGLM2 family's longer patterns win
+    tokenizer_classes = ("ChatGLMTokenizer",)
+    # PaddleNLP's LLM recipe's default for ChatGLM-6B: every linear layer (QKV, attention output, both MLP ones).
+    lora_targets = (".*query_key_value.*", ".*dense.*")
+    position_rows = 2
+    # THUDM's Hugging Face configs of ChatGLM2/3 say model_type "chatglm" too; only they carry these keys
+    # (ChatGLM-6B's carry position_encoding_2d and inner_hidden_size).
+    CHATGLM2_KEYS = ("multi_query_attention", "kv_channels", "padded_vocab_size", "rmsnorm")
+
+    @property
+    def model_class(self):
+        return ChatGLMForCausalLM
+
+    def claims(self, config: dict) -> bool:
+        return super().claims(config) and not any(key in config for key in self.CHATGLM2_KEYS)
+
+    def load_tokenizer(self, name_or_path: str) -> ChatGLMTokenizer:
+        return load_chatglm_tokenizer(name_or_path)
+
+    def template(self, tokenizer) -> ChatGLMTemplate:
+        return ChatGLMTemplate(tokenizer)
+
+    def tensor_parallel_problems(self, config, degree: int) -> List[str]:
+        inner = config.inner_hidden_size or 4 * config.hidden_size
+        problems = super().tensor_parallel_problems(config, degree)
+        if inner % degree:
+            problems.append(f"--tensor_parallel_degree {degree} does not divide the model's MLP width {inner}")
+        return problems
+
+    def prepare_export(self, model) -> None:
+        for layer in model.sublayers():
+            if isinstance(layer, ChatGLMMLP):
+                layer.gelu_as_formula = True  # survives paddle2onnx exactly (see ChatGLMMLP)
+
+
+FAMILY = ChatGLMFamily()

@@ -1,6 +1,7 @@
 """ChatGLM2-6B and ChatGLM3-6B (one architecture) for causal LM, with a real K/V cache over multi-query attention.
 
-Read top-down: norm -> rotary embeddings -> attention -> MLP -> block -> stack -> model -> LM head. State-dict
+Read top-down: norm -> rotary embeddings -> attention -> MLP -> block -> stack -> model -> LM head, then the family
+(tokenizer loading, ChatGLM2's and ChatGLM3's chat templates, the registry entry). State-dict
 keys, shapes and layouts are those of `paddlenlp.transformers.ChatGLMv2ForCausalLM` (linear weights stored
 [in, out], QKV fused as [Q | K | V] blocks, `chatglm_v2.rotary_pos_emb.inv_freq` kept, an untied
 `chatglm_v2.output_layer`), and `config.json` is its `ChatGLMv2Config`, so checkpoints move between the two
@@ -23,8 +24,11 @@ with the logits (the caller shifts, as for every family and PaddleNLP; THUDM's o
 """
 from __future__ import annotations
 
+import json
+import os
+import re
 from functools import partial
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
@@ -36,16 +40,19 @@ from paddle.distributed.fleet.utils import recompute
 from paddlenlp.transformers import PretrainedModel, register_base_model
 from paddlenlp.transformers.chatglm_v2.configuration import CHATGLM_V2_PRETRAINED_RESOURCE_FILES_MAP, ChatGLMv2Config
 from paddlenlp.transformers.chatglm_v2.modeling import ChatGLMv2PretrainedModel as _PaddleNLPChatGLMv2PretrainedModel
+from paddlenlp.transformers.chatglm_v2.tokenizer import ChatGLMv2Tokenizer as _PaddleNLPChatGLMv2Tokenizer
 from paddlenlp.transformers.conversion_utils import split_or_merge_func
 from paddlenlp.transformers.model_outputs import CausalLMOutputWithCrossAttentions
 
 from ..parallel import (
     ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, model_parallel_group, tensor_parallel_degree,
 )
+from .family import Family, History, Template
 from .layers import KVCache, StrictLoading, attend, lm_head, loss_positions, mask_bias, parallel_linear
 
 __all__ = [
     "ChatGLMv2Config", "ChatGLMv2PretrainedModel", "ChatGLMv2Model", "ChatGLMv2ForCausalLM", "kv_groups_per_rank",
+    "ChatGLMv2Tokenizer", "load_chatglm2_tokenizer", "ChatGLM2Template", "ChatGLM3Template", "ChatGLM2Family", "FAMILY",
 ]
 
 IGNORE_INDEX = -100  # PaddleNLP's and THUDM's label for "no loss here", honoured when no loss_mask is given
@@ -180,11 +187,13 @@ class SelfAttention(nn.Layer):
                                      bias=config.add_bias_linear)
         self.attention_dropout = nn.Dropout(config.attention_dropout)
         self.use_flash_attention = bool(config.use_flash_attention)
-        if replicas > 1:
-            hook = _sum_over_replicas(self.num_heads * self.head_dim, replicas)
+        # Replicated groups: the gradient of each K/V column (weight, bias; a LoRA adapter's B, see the family's
+        # `prepare_lora`) sums over the ranks holding the group.
+        self.replica_hook = _sum_over_replicas(self.num_heads * self.head_dim, replicas) if replicas > 1 else None
+        if self.replica_hook is not None:
             for parameter in (self.query_key_value.weight, self.query_key_value.bias):
                 if parameter is not None:
-                    parameter.register_hook(hook)
+                    parameter.register_hook(self.replica_hook)
 
     def forward(
         self, hidden_states: Tensor, bias: Tensor, cos: Tensor, sin: Tensor, cache: Optional[LayerCache] = None
@@ -463,3 +472,223 @@ class ChatGLMv2ForCausalLM(ChatGLMv2PretrainedModel):
             outputs = (logits, new_cache)
             return ((loss,) + outputs) if loss is not None else outputs
         return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits, past_key_values=new_cache)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The ChatGLM2/3 family: tokenizer, chat templates, registry entry
+# ------------------------------------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")  # after the sentencepiece pieces, in this order
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")  # ChatGLM3's, after those five
+CHAT_FORMATS = ("chatglm2", "chatglm3")
+# THUDM's Hugging Face config.json says model_type "chatglm" for ChatGLM-6B, ChatGLM2 and ChatGLM3 alike: these
+# fields are ChatGLM2/3's (ChatGLM-6B's has position_encoding_2d and inner_hidden_size instead).
+THUDM_CONFIG_FIELDS = ("multi_query_attention", "kv_channels", "padded_vocab_size", "rmsnorm")
+
+
+class ChatGLMv2Tokenizer(_PaddleNLPChatGLMv2Tokenizer):
+    """PaddleNLP's `ChatGLMv2Tokenizer`, with THUDM's special tokens per model and THUDM's text handling.
+
+    - `chat_format` "chatglm2" registers THUDM ChatGLM2's five specials after the 64,789 pieces, "chatglm3" also
+      ChatGLM3's four role tokens (PaddleNLP registers all nine for both models). The family's template follows
+      from it: a tokenizer with role tokens is ChatGLM3's. It is saved in `tokenizer_config.json`, where PaddleNLP's
+      class ignores it (the class name stays PaddleNLP's, so either side loads the other's files).
+    - `encode_special_tokens` defaults to False as in THUDM's tokenizers: text is sentencepiece text, and a
+      "</s>" or "[gMASK]" in a user's text never becomes a control token (PaddleNLP's default turns them into one).
+    """
+
+    def __init__(self, vocab_file: str, chat_format: str = "chatglm3", encode_special_tokens: bool = False, **kwargs):
+        if chat_format not in CHAT_FORMATS:
+            raise ValueError(f"chat_format {chat_format!r}: use one of {', '.join(CHAT_FORMATS)}")
+        super().__init__(vocab_file, encode_special_tokens=encode_special_tokens, chat_format=chat_format, **kwargs)
+        self.chat_format = chat_format
+        if chat_format == "chatglm2":
+            pieces = self.tokenizer  # PaddleNLP's SPTokenizer: drop what THUDM's ChatGLM2 tokenizer never had
+            for token in ROLE_TOKENS:
+                del pieces.index_special_tokens[pieces.special_tokens.pop(token)]
+            pieces.n_words -= len(ROLE_TOKENS)
+            names = list(pieces.special_tokens) + ["</s>", "<unk>"]
+            pieces.special_token_expression = "|".join(re.escape(token) for token in names)
+
+    @property
+    def role_ids(self) -> Dict[str, int]:
+        """ChatGLM3's role token ids by role ("user", ...); empty for ChatGLM2."""
+        specials = self.tokenizer.special_tokens
+        return {token[2:-2]: specials[token] for token in ROLE_TOKENS if token in specials}
+
+
+def load_chatglm2_tokenizer(name_or_path: str, chat_format: Optional[str] = None) -> ChatGLMv2Tokenizer:
+    """The tokenizer of a checkpoint or export directory, a model name, or a sentencepiece `.model` file.
+
+    ChatGLM2 and ChatGLM3 share the sentencepiece model, so which one it is comes from `chat_format`, else from
+    `tokenizer_config.json` (ours records it), else from the name (THUDM's files record `THUDM/chatglm2-6b`), and
+    is ChatGLM3 when nothing says: PaddleNLP's tokenizer registers the role tokens. Every tokenizer is checked.
+    """
+    if os.path.isfile(name_or_path) and name_or_path.endswith(".model"):
+        return _checked(ChatGLMv2Tokenizer(name_or_path, chat_format=chat_format or _format_from_name(name_or_path)))
+    saved: dict = {}
+    config_file = os.path.join(name_or_path, "tokenizer_config.json")
+    if os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as handle:
+            saved = json.load(handle)
+    chat_format = (chat_format or saved.get("chat_format")
+                   or _format_from_name(saved.get("name_or_path") or name_or_path))
+    return _checked(ChatGLMv2Tokenizer.from_pretrained(name_or_path, chat_format=chat_format))
+
+
+def _format_from_name(name: str) -> str:
+    return "chatglm2" if "chatglm2" in name.lower().replace("-", "").replace("_", "") else "chatglm3"
+
+
+def _checked(tokenizer: ChatGLMv2Tokenizer) -> ChatGLMv2Tokenizer:
+    """The specials must sit right after the sentencepiece pieces, with distinct ids (0 is `<unk>`, the pad), and the
+    sentencepiece model must have `</s>`: other files would train and decode silently wrong."""
+    pieces = tokenizer.tokenizer
+    size = pieces.sp_model.vocab_size()
+    names = SPECIAL_TOKENS + (ROLE_TOKENS if tokenizer.chat_format == "chatglm3" else ())
+    ids = {name: pieces.special_tokens.get(name) for name in names}
+    expected = {name: size + index for index, name in enumerate(names)}
+    if ids != expected or len(pieces.special_tokens) != len(names):
+        raise ValueError(f"{tokenizer.chat_format} tokenizer: special tokens {pieces.special_tokens}, expected "
+                         f"{expected} after the {size} sentencepiece pieces")
+    if tokenizer.eos_token_id in (None, -1, tokenizer.pad_token_id) or tokenizer.eos_token_id >= size:
+        raise ValueError(f"the sentencepiece model has no usable </s> (eos id {tokenizer.eos_token_id}, pad "
+                         f"{tokenizer.pad_token_id}): not ChatGLM2/3's tokenizer.model")
+    return tokenizer
+
+
+class ChatGLM2Template(Template):
+    """ChatGLM2-6B's chat format, as THUDM's `build_prompt` and `chat()` render it (PaddleNLP's `build_prompt` is
+    the same): `[gMASK] sop` + the tokens of the whole string
+
+        [Round 1]\\n\\n问：{q1}\\n\\n答：{a1}\\n\\n[Round 2]\\n\\n问：{query}\\n\\n答：
+
+    rounds counted from 1. The answer follows with `</s>`; positions count 0, 1, ... from `[gMASK]`, causal
+    attention throughout (sep 0), each generated token one position further.
+    """
+
+    def __init__(self, tokenizer: ChatGLMv2Tokenizer):
+        super().__init__(tokenizer)
+        self.prefix = [tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop")]
+
+    @property
+    def stop_ids(self) -> Tuple[int, ...]:
+        return (self.tokenizer.eos_token_id,)
+
+    def encode(self, text: str) -> List[int]:
+        """THUDM: sentencepiece's ids of the text alone (no special token is ever read out of text)."""
+        return self.tokenizer.tokenizer.encode(text)
+
+    def render(self, query: str, history: History) -> List[int]:
+        return self.prefix + self.encode(self.tokenizer.build_prompt(query, list(history)))
+
+    def completion_prompt(self, text: str) -> List[int]:
+        """What THUDM's tokenizer makes of plain text: `[gMASK] sop` + its tokens, no chat format."""
+        return self.prefix + self.encode(text)
+
+    def response(self, ids: Sequence[int]) -> str:
+        """THUDM's `process_response` strips the answer (its "[[训练时间]]" placeholder of THUDM's own training
+        data is left alone: fine-tuned answers are scored as generated)."""
+        return self.decode(ids).strip()
+
+    def special_ids(self) -> Dict[str, object]:
+        return {**super().special_ids(), "eos": self.tokenizer.eos_token_id, "gmask": self.prefix[0],
+                "sop": self.prefix[1]}
+
+
+class ChatGLM3Template(ChatGLM2Template):
+    """ChatGLM3-6B's chat format, as THUDM's `build_chat_input` renders it: `[gMASK] sop`, then each message as its
+    role token + the tokens of "{metadata}\\n" (metadata empty) + the tokens of its content, and `<|assistant|>`:
+
+        [gMASK] sop <|user|> ▁\\n {q1} <|assistant|> ▁\\n {a1} <|user|> ▁\\n {query} <|assistant|>
+
+    The model answers "\\n" + content (an empty metadata line first), so that is the training target, with loss on
+    those tokens and `</s>` (THUDM's fine-tuning). Generation stops at `</s>`, `<|user|>` or `<|observation|>`.
+    """
+
+    def __init__(self, tokenizer: ChatGLMv2Tokenizer):
+        super().__init__(tokenizer)
+        self.roles = tokenizer.role_ids
+
+    @property
+    def stop_ids(self) -> Tuple[int, ...]:
+        return (self.tokenizer.eos_token_id, self.roles["user"], self.roles["observation"])
+
+    def message(self, role: str, content: str) -> List[int]:
+        """THUDM's `build_single_message(role, "", content)`."""
+        return [self.roles[role]] + self.encode("\n") + self.encode(content)
+
+    def render(self, query: str, history: History) -> List[int]:
+        ids = list(self.prefix)
+        for old_query, answer in history:
+            ids += self.message("user", old_query) + self.message("assistant", answer)
+        return ids + self.message("user", query) + [self.roles["assistant"]]
+
+    def target_ids(self, response: str) -> List[int]:
+        return self.encode("\n") + self.encode(response)
+
+    def response(self, ids: Sequence[int]) -> str:
+        """THUDM's `process_response`: the last assistant message of the output, stripped; its metadata line, empty
+        for an answer, goes with the leading white space (a non-empty one names a tool call: kept, as text)."""
+        ids = list(ids)
+        assistant = self.roles["assistant"]
+        return super().response(ids[len(ids) - ids[::-1].index(assistant):] if assistant in ids else ids)
+
+    def special_ids(self) -> Dict[str, object]:
+        return {**super().special_ids(), **self.roles}
+
+
+class ChatGLM2Family(Family):
+    """THUDM's ChatGLM2-6B and ChatGLM3-6B: one architecture, causal with 1-D positions; the tokenizer tells them
+    apart (role tokens: ChatGLM3's template)."""
+
+    name = "chatglm2"
+    model_types = ("chatglm_v2",)
+    name_patterns = ("chatglm2", "chatglm3")
+    tokenizer_classes = ("ChatGLMv2Tokenizer",)
+    position_rows = 1
+
+    @property
+    def model_class(self):
+        return ChatGLMv2ForCausalLM
+
+    def claims(self, config: dict) -> bool:
+        return super().claims(config) or (
+            config.get("model_type") == "chatglm" and "position_encoding_2d" not in config
+            and any(field in config for field in THUDM_CONFIG_FIELDS))
+
+    def load_tokenizer(self, name_or_path: str) -> ChatGLMv2Tokenizer:
+        return load_chatglm2_tokenizer(name_or_path)
+
+    def template(self, tokenizer: ChatGLMv2Tokenizer) -> ChatGLM2Template:
+        has_roles = all(token in tokenizer.tokenizer.special_tokens for token in ROLE_TOKENS)
+        return (ChatGLM3Template if has_roles else ChatGLM2Template)(tokenizer)
+
+    def kv_heads(self, config: ChatGLMv2Config) -> int:
+        return int(config.multi_query_group_num)
+
+    def head_dim(self, config: ChatGLMv2Config) -> int:
+        return head_dim(config)
+
+    def tensor_parallel_problems(self, config: ChatGLMv2Config, degree: int) -> List[str]:
+        """N ranks: N divides the query heads and the vocabulary (base rules), the SwiGLU width, and N and the K/V
+        groups divide one another (groups split when N <= groups, else replicated on N / groups ranks each)."""
+        problems = super().tensor_parallel_problems(config, degree)
+        groups, ffn = int(config.multi_query_group_num), int(config.ffn_hidden_size)
+        if groups % degree and degree % groups:
+            problems.append(f"--tensor_parallel_degree {degree} and the model's {groups} K/V groups must divide one "
+                            f"another (a rank's query heads read whole groups): use a divisor or multiple of {groups}")
+        if ffn % degree:
+            problems.append(f"--tensor_parallel_degree {degree} does not divide the model's MLP width {ffn}")
+        return problems
+
+    def prepare_lora(self, lora_model) -> None:
+        """K/V columns of a QKV adapter's B that several ranks hold alike get their gradient summed, as the weight's."""
+        for layer in lora_model.model.sublayers():
+            if isinstance(layer, SelfAttention) and layer.replica_hook is not None:
+                adapter = getattr(layer.query_key_value, "lora_B", None)
+                if adapter is not None:
+                    adapter.register_hook(layer.replica_hook)
+
+
+FAMILY = ChatGLM2Family()

@@ -74,6 +74,17 @@ class Template:
         """The ids the model must generate for `response` (without the stop token)."""
         return self.encode(response)
 
+    def response(self, ids: Sequence[int]) -> str:
+        """The answer a reader sees for generated ids (THUDM's chat models post-process their output: ChatGLM3's
+        answer opens with a metadata line). Predictions and the references they are scored against pass through it."""
+        return self.decode(ids)
+
+    def completion_prompt(self, text: str) -> List[int]:
+        """The prompt for `text` to be continued as plain text, without a chat format (benchmark scoring of base
+        models, `--chat_template off`): only the family's special tokens. Default: `render(text, [])`, which is that
+        for families whose prompts without history have no chat wrapping (GLM, ChatGLM-6B)."""
+        return self.render(text, [])
+
     # ---------------------------------------------------------------- shared by every family
 
     def encode(self, text: str) -> List[int]:
@@ -201,3 +212,7 @@ class Family:
 
     def prepare_export(self, model) -> None:
         """Adjust a model before tracing (e.g. ops that ONNX converters would change); nothing by default."""
+
+    def prepare_lora(self, lora_model) -> None:
+        """Adjust a model once its LoRA adapters are in place (e.g. gradient hooks of adapter columns that several
+        tensor-parallel ranks hold alike); nothing by default."""

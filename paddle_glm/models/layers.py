@@ -83,9 +83,8 @@ def attend(query: Tensor, key: Tensor, value: Tensor, bias: Tensor, dropout: Opt
     rows, which no other position reads, come out differently.
     """
     heads, groups = query.shape[2], key.shape[2]
-    if groups != heads:
-        key = paddle.repeat_interleave(key, heads // groups, axis=2)
-        value = paddle.repeat_interleave(value, heads // groups, axis=2)
+    if groups != heads:  # each group repeated for its heads; not `repeat_interleave`, which paddle2onnx gets wrong
+        key, value = (_repeat_groups(tensor, heads // groups) for tensor in (key, value))
     if use_flash_attention:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=bias.astype(query.dtype),
                                               dropout_p=dropout.p if dropout is not None else 0.0,
@@ -99,14 +98,19 @@ def attend(query: Tensor, key: Tensor, value: Tensor, bias: Tensor, dropout: Opt
     # In place: every (q, k)-sized pass that allocates costs as much as the pass itself on CPU.
     if fill is None:
         scores = scores.add_(bias)
-    else:
-        scores = scores.masked_fill_(bias < 0, fill)
+    else:  # `where_`, not `masked_fill_`: paddle2onnx 2.1 has no masked_fill
+        scores = paddle.where_(bias >= 0, scores, paddle.full([], fill, scores.dtype))
     if coeff != 1.0:
         scores = scores.scale_(coeff)
     probs = F.softmax_(scores, axis=-1).astype(value.dtype)
     if dropout is not None:
         probs = dropout(probs)
     return paddle.matmul(probs, value).transpose([0, 2, 1, 3])
+
+
+def _repeat_groups(tensor: Tensor, repeats: int) -> Tensor:
+    """[B, k, groups, hd] -> [B, k, groups * repeats, hd], group g at heads g * repeats ... (g + 1) * repeats - 1."""
+    return tensor.unsqueeze(3).expand([-1, -1, -1, repeats, -1]).flatten(2, 3)
 
 
 def lm_head(model, hidden_states: Tensor, weight: Tensor, labels: Optional[Tensor], loss_mask: Optional[Tensor],
