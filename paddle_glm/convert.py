@@ -1,25 +1,35 @@
-"""Convert GLM checkpoints between THUDM's PyTorch layouts and ours (PaddleNLP's).
+"""Convert checkpoints of every family between THUDM's PyTorch layouts and ours (PaddleNLP's).
 
-    python -m paddle_glm.convert --from thudm --to paddle --preset glm-large-chinese CKPT_DIR OUT_DIR
-    python -m paddle_glm.convert --from hf --to paddle glm-large-chinese/ OUT_DIR
+    python -m paddle_glm.convert --from hf chatglm3-6b/ checkpoints/chatglm3-6b       # ChatGLM2-6B, ChatGLM3-6B
+    python -m paddle_glm.convert --from hf chatglm-6b/ checkpoints/chatglm-6b         # ChatGLM-6B
+    python -m paddle_glm.convert --from hf glm-large-chinese/ checkpoints/glm-large-zh
+    python -m paddle_glm.convert --from thudm --preset glm-large-chinese CKPT_DIR OUT_DIR
     python -m paddle_glm.convert --from paddle --to hf OUR_CHECKPOINT OUT_DIR
-    python -m paddle_glm.convert --from hf --to paddle --tensor_parallel_degree 2 SRC OUT_DIR
+    python -m paddle_glm.convert --from hf --tensor_parallel_degree 2 SRC OUT_DIR
 
-The three layouts hold the same tensors, those of THUDM's `GLMModel` (`GLM_TENSORS` below):
-- thudm: training checkpoints of github.com/THUDM/GLM. `DIR/latest_checkpointed_iteration.txt` names the folder
-  `DIR/<iteration>/` of `mp_rank_XX_model_states.pt` files, one per model-parallel rank, each with its state dict
-  under "module" and its slice of every parallel tensor (`mpu/layers.py`; see SAME/ROWS/COLS/QKV). Linear
-  weights are torch's [out, in]. No config: `--preset` or the shape flags give what the tensors do not show.
-- hf: the Hugging Face release (THUDM/glm-large-chinese, ...): its `config.json` and `pytorch_model.bin` or
-  `model.safetensors` (single, or sharded with an index), names under `glm.` (or none: both read), [out, in].
-- paddle: ours and PaddleNLP's: `config.json` (PaddleNLP's GLMConfig) and `model.safetensors` or
-  `model_state.pdparams` (single or sharded with an index), names under `glm.`, Linear weights [in, out].
+The family comes from config.json (`paddle_glm.models.family_of`: THUDM's Hugging Face configs say model_type
+"chatglm" for ChatGLM-6B, ChatGLM2 and ChatGLM3 alike, their fields tell them apart); what its files look like is
+its `Release` (paddle_glm/releases.py). The layouts:
+- hf: THUDM's Hugging Face releases: config.json with pytorch_model.bin or model.safetensors, single or sharded
+  with an index (`pytorch_model-00001-of-00008.bin` ... + `pytorch_model.bin.index.json`), names under the
+  release's wrapper (`transformer.`, GLM's `glm.`) or without it (a base model saved alone: both read), Linear
+  weights torch's [out, in]. THUDM's quantized releases (chatglm-6b-int4, chatglm2-6b-int4, ...) are refused.
+- thudm (GLM): training checkpoints of github.com/THUDM/GLM. `DIR/latest_checkpointed_iteration.txt` names the
+  folder `DIR/<iteration>/` of `mp_rank_XX_model_states.pt` files, one per model-parallel rank, each with its state
+  dict under "module" and its slice of every parallel tensor (`mpu/layers.py`; see releases.GLM_TENSORS). No
+  config: `--preset` or the shape flags give what the tensors do not show.
+- paddle: ours and PaddleNLP's: config.json (PaddleNLP's config class) and `model.safetensors` or
+  `model_state.pdparams` (single or sharded with an index), Linear weights [in, out].
   `--tensor_parallel_degree N` writes PaddleNLP's tensor-parallel shards (`model.tp0X.safetensors` or
-  `model_state.tp0X.pdparams`), split by PaddleNLP's own rules so that its loaders and ours read them.
+  `model_state.tp0X.pdparams`), split by the model's own rules so that PaddleNLP's loaders and ours read them.
+The tokenizer (the family's sentencepiece model next to SRC, or --spm) is written as the family loads it, or
+for --to hf as THUDM's release names it.
 
-Tensors stream one at a time from the source (PyTorch files memory-mapped) into output files cut at
-`--max_shard_size` as `save_pretrained` cuts them, so memory holds about two shards' worth (a shard and its
-serialized bytes), not the model.
+Memory: sources are read one weights file at a time (PyTorch files memory-mapped, each closed before the next
+opens), and tensors go into output files cut at `--max_shard_size` as `save_pretrained` cuts them. The peak is
+about one output shard (per tensor-parallel rank) plus one source file, not the model (measured in
+tests/test_convert_chatglm.py). (THUDM's training checkpoints are the exception: every rank file holds a slice
+of every tensor, so they are read together.)
 
 Safety: `.pt`/`.bin` are read with `torch.load(weights_only=True)`. The non-tensor objects THUDM checkpoints
 pickle beside the weights (argparse Namespaces, numpy RNG states, DeepSpeed bookkeeping) come back as inert
@@ -36,77 +46,31 @@ import pickle
 import re
 import shutil
 import sys
+import tempfile
 import zipfile
-from dataclasses import dataclass
+from collections import defaultdict
 from functools import partial
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
-from paddlenlp.transformers.glm.configuration import GLM_PRETRAINED_INIT_CONFIGURATION
 from paddlenlp.transformers.utils import convert_file_size_to_int
-from .logs import logger
 from tqdm import tqdm
 
-from .models.glm import GLMConfig, GLMForConditionalGeneration
-
-__all__ = ["ConversionError", "GLM_TENSORS", "TensorSpec", "convert", "glm_tensor_specs", "main"]
-
-PREFIX = "glm."  # ours and the HF release keep GLMModel under GLMForConditionalGeneration.glm
-TOKENIZER_FILE = "cog-pretrain.model"  # GLM's sentencepiece model, as THUDM and PaddleNLP name it
-PRESETS = {name.split("/")[-1]: values for name, values in GLM_PRETRAINED_INIT_CONFIGURATION.items()}
-SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length")
-
-# How THUDM's model parallelism splits a tensor (torch layout) over the ranks; change_mp.py merges likewise.
-SAME = "same"  # replicated on every rank
-ROWS = "rows"  # dim 0: VocabParallelEmbedding; ColumnParallelLinear weight and bias
-COLS = "cols"  # dim 1: RowParallelLinear weight (its bias is replicated)
-QKV = "qkv"  # ColumnParallelLinear(stride=3): rank r holds [q_r; k_r; v_r], the rows of its own heads
-
-# GLMModel's tensors by THUDM's name (ours and HF's add `glm.`): (model-parallel split, torch shape with
-# h = hidden, v = vocabulary, p = position rows, and whether torch stores it [out, in] where Paddle has [in, out]).
-GLM_TENSORS: Dict[str, Tuple[str, Tuple[str, ...], bool]] = {
-    "word_embeddings.weight": (ROWS, ("v", "h"), False),
-    "transformer.position_embeddings.weight": (SAME, ("p", "h"), False),
-    "transformer.block_position_embeddings.weight": (SAME, ("p", "h"), False),
-    "transformer.layers.{i}.input_layernorm.weight": (SAME, ("h",), False),
-    "transformer.layers.{i}.input_layernorm.bias": (SAME, ("h",), False),
-    "transformer.layers.{i}.attention.query_key_value.weight": (QKV, ("3h", "h"), True),
-    "transformer.layers.{i}.attention.query_key_value.bias": (QKV, ("3h",), False),
-    "transformer.layers.{i}.attention.dense.weight": (COLS, ("h", "h"), True),
-    "transformer.layers.{i}.attention.dense.bias": (SAME, ("h",), False),
-    "transformer.layers.{i}.post_attention_layernorm.weight": (SAME, ("h",), False),
-    "transformer.layers.{i}.post_attention_layernorm.bias": (SAME, ("h",), False),
-    "transformer.layers.{i}.mlp.dense_h_to_4h.weight": (ROWS, ("4h", "h"), True),
-    "transformer.layers.{i}.mlp.dense_h_to_4h.bias": (ROWS, ("4h",), False),
-    "transformer.layers.{i}.mlp.dense_4h_to_h.weight": (COLS, ("h", "4h"), True),
-    "transformer.layers.{i}.mlp.dense_4h_to_h.bias": (SAME, ("h",), False),
-    "transformer.final_layernorm.weight": (SAME, ("h",), False),
-    "transformer.final_layernorm.bias": (SAME, ("h",), False),
-}
-_GLM_NAME = re.compile("|".join(re.escape(p.format(i="<i>")).replace("<i>", r"\d+") for p in GLM_TENSORS))
-# What wraps GLMModel's names: ours and HF's `glm.`, THUDM's FP16_Module `module.`, its task models `model.`.
-WRAPPER_PREFIXES = (PREFIX, "module.", "model.")
-
-# THUDM's own conversion of glm-10b-chinese into its Hugging Face release copies word embedding rows (source,
-# destination) to match the released tokenizer's ids (scripts/convert_glm_checkpoint_to_transformers.py); the
-# same preset of a THUDM checkpoint gets the same copy, so that it equals the release.
-THUDM_EMBEDDING_COPIES = {"glm-10b-chinese": [(50007, 50009)]}
-
-# Fields of the HF release's GLMConfig (its configuration_glm.py) that PaddleNLP's GLMConfig shares.
-HF_CONFIG_FIELDS = (
-    "num_layers", "vocab_size", "hidden_size", "num_attention_heads", "embedding_dropout_prob",
-    "attention_dropout_prob", "output_dropout_prob", "max_sequence_length", "checkpoint_num_layers",
-    "parallel_output", "relative_encoding", "block_position_encoding", "output_predict", "spell_length",
-    "spell_func", "attention_scale", "initializer_range", "pool_token",
+from .logs import logger
+from .models import FAMILIES, Family, family_of
+from .releases import (
+    COLS, PRESETS, RELEASES, SAME, SHAPE_FLAGS, THUDM_EMBEDDING_COPIES, Release, TensorSpec, merge_model_parallel,
 )
-# The release's model classes live in its own code files (trust_remote_code), which we do not ship.
-HF_AUTO_MAP = {
-    "AutoConfig": "configuration_glm.GLMConfig",
-    "AutoModel": "modeling_glm.GLMModel",
-    "AutoModelForSeq2SeqLM": "modeling_glm.GLMForConditionalGeneration",
-    "AutoModelForMultipleChoice": "modeling_glm.GLMForMultipleChoice",
-}
+
+__all__ = ["ConversionError", "convert", "main"]
+
+# What wraps a model's names in THUDM's training checkpoints: its FP16_Module `module.`, its task models `model.`.
+WRAPPER_PREFIXES = ("module.", "model.")
+QUANTIZED = "_scale"  # THUDM's quantized releases keep a `weight_scale` beside each int8/int4 weight
+QUANTIZED_ADVICE = ("THUDM's quantized releases (chatglm-6b-int4/-int8, chatglm2-6b-int4, ...) hold int8/int4 weights "
+                    "with *_scale tensors, which our models do not run: convert the float16 release (e.g. "
+                    "THUDM/chatglm2-6b) instead")
 
 # (weights file, index of its shards) per layout and format, as PaddleNLP 2.8 and transformers name them.
 WEIGHT_FILES = {
@@ -118,62 +82,11 @@ WEIGHT_FILES = {
 _WEIGHTS_OR_INDEX = re.compile(r"(model|model_state|pytorch_model)\b.*\.(safetensors|pdparams|bin|json)$")
 
 Getters = Dict[str, Callable[[], np.ndarray]]  # tensor name -> reads it
+Tensors = Iterator[Tuple[TensorSpec, np.ndarray]]
 
 
 class ConversionError(Exception):
     """A checkpoint that cannot be converted as asked; the message names the file and the tensor."""
-
-
-# ---------------------------------------------------------------------------------------------- tensors
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str  # THUDM's name; ours and HF's are PREFIX + name
-    torch_shape: Tuple[int, ...]
-    mp_split: str  # SAME, ROWS, COLS or QKV
-    transposed: bool  # torch stores it [out, in], Paddle [in, out]
-
-    def shape(self, torch_layout: bool) -> Tuple[int, ...]:
-        return self.torch_shape[::-1] if self.transposed and not torch_layout else self.torch_shape
-
-    def rank_shape(self, ranks: int) -> Tuple[int, ...]:
-        """The slice one of `ranks` THUDM model-parallel ranks holds."""
-        shape = list(self.torch_shape)
-        if self.mp_split != SAME:
-            shape[1 if self.mp_split == COLS else 0] //= ranks
-        return tuple(shape)
-
-
-def glm_tensor_specs(config: GLMConfig) -> List[TensorSpec]:
-    """Every tensor of a GLM with this config, in model order, with its whole shape."""
-    h = config.hidden_size
-    positions = config.max_sequence_length + (1 if config.block_position_encoding else 0)
-    sizes = {"h": h, "3h": 3 * h, "4h": 4 * h, "v": config.vocab_size, "p": positions}
-    specs = []
-    for pattern, (split, dims, transposed) in GLM_TENSORS.items():
-        if "block_position" in pattern and not config.block_position_encoding:
-            continue
-        layers = range(config.num_layers) if "{i}" in pattern else [0]
-        specs += [TensorSpec(pattern.format(i=i), tuple(sizes[d] for d in dims), split, transposed) for i in layers]
-    return specs
-
-
-def canonical_name(key: str) -> str:
-    """THUDM's name for a key that may carry `glm.`, `module.` or `model.` in front (others come back as given)."""
-    for candidate in [key] + [key[len(p):] for p in WRAPPER_PREFIXES if key.startswith(p)]:
-        if _GLM_NAME.fullmatch(candidate):
-            return candidate
-    return key
-
-
-def merge_model_parallel(parts: Sequence[np.ndarray], split: str) -> np.ndarray:
-    """Undo THUDM's model-parallel split of one tensor (torch layout), as change_mp.py does."""
-    if split == SAME or len(parts) == 1:
-        return parts[0]
-    if split == QKV:  # [q_0; k_0; v_0], [q_1; k_1; v_1], ... -> [q_0; q_1; ...; k_0; k_1; ...; v_0; v_1; ...]
-        thirds = [np.split(part, 3, axis=0) for part in parts]
-        return np.concatenate([third[i] for i in range(3) for third in thirds], axis=0)
-    return np.concatenate(parts, axis=1 if split == COLS else 0)
 
 
 # ------------------------------------------------------------------------------------------ file access
@@ -245,7 +158,8 @@ def _safetensors_getters(path: str) -> Getters:
 
 
 def open_weights(path: str, state_key: Optional[str] = None) -> Getters:
-    """A lazy reader per tensor of one weights file (.safetensors, .pdparams, or .pt/.bin [under state_key])."""
+    """A lazy reader per tensor of one weights file (.safetensors, .pdparams, or .pt/.bin [under state_key]),
+    by the names the file stores."""
     try:
         if path.endswith(".safetensors"):
             getters = _safetensors_getters(path)
@@ -266,7 +180,7 @@ def open_weights(path: str, state_key: Optional[str] = None) -> Getters:
     except Exception as exc:
         first_line = (str(exc).splitlines() or [""])[0]
         raise ConversionError(f"{path}: unreadable, is it complete? ({type(exc).__name__}: {first_line})") from exc
-    return {canonical_name(key): getter for key, getter in getters.items()}
+    return getters
 
 
 def _read(getters: Getters, name: str, path: str) -> np.ndarray:
@@ -276,60 +190,232 @@ def _read(getters: Getters, name: str, path: str) -> np.ndarray:
         raise ConversionError(f"{path}: tensor {name}: unreadable ({type(exc).__name__}: {exc})") from exc
 
 
-def _weights_in_directory(directory: str, candidates: Sequence[Tuple[str, str]]) -> List[str]:
-    """The weights files of a checkpoint directory: those its index lists, or its single file."""
+def _weights_in_directory(directory: str, candidates: Sequence[Tuple[str, str]]) -> Tuple[List[str], Dict[str, str]]:
+    """The weights files of a checkpoint directory and, when an index lists them, which file holds each tensor."""
     for single, index in candidates:
         if os.path.isfile(os.path.join(directory, index)):
             with open(os.path.join(directory, index), encoding="utf-8") as handle:
-                return [os.path.join(directory, name) for name in sorted(set(json.load(handle)["weight_map"].values()))]
+                stored = json.load(handle)["weight_map"]
+            weight_map = {key: os.path.join(directory, name) for key, name in stored.items()}
+            return sorted(set(weight_map.values())), weight_map
         if os.path.isfile(os.path.join(directory, single)):
-            return [os.path.join(directory, single)]
+            return [os.path.join(directory, single)], {}
     looked_for = ", ".join(name for pair in candidates for name in pair)
     shards = [name for name in os.listdir(directory) if ".tp0" in name] if os.path.isdir(directory) else []
     hint = f"; {', '.join(sorted(shards))} are tensor-parallel shards: merge them first" if shards else ""
     raise ConversionError(f"{directory}: no weights (looked for {looked_for}){hint}")
 
 
-# ---------------------------------------------------------------------------------------------- sources
+# ------------------------------------------------------------------------------------------------ names
 
-@dataclass
-class Source:
-    """A checkpoint opened for conversion: its config, and each tensor read on demand."""
-    config: GLMConfig
-    torch_layout: bool  # Linear weights stored [out, in]
-    where: Dict[str, str]  # tensor name -> the file(s) it comes from, for messages
-    read: Callable[[TensorSpec], np.ndarray]  # the whole tensor in the source's layout
-    tokenizer_file: Optional[str]
+def _wrapper(names: Iterable[str]) -> str:
+    """The first name component every name shares (`transformer.`, `glm.`), or ''."""
+    heads = {name.split(".", 1)[0] + "." for name in names}
+    return heads.pop() if len(heads) == 1 else ""
 
 
-def _config(values: Dict[str, Any], origin: str) -> GLMConfig:
-    """PaddleNLP's GLMConfig from a source's hyper-parameters, refusing what our model does not implement."""
-    values = {k: v for k, v in values.items()
-              if k not in ("architectures", "dtype", "torch_dtype", "tensor_parallel_degree", "tensor_parallel_rank")}
-    missing = [name for name in SHAPE_FLAGS if values.get(name) is None]
-    if missing:
-        flags = " ".join(f"--{name}" for name in missing)
-        raise ConversionError(f"{origin}: the checkpoint does not tell {', '.join(missing)}: give {flags} "
-                              f"or --preset ({', '.join(PRESETS)})")
-    if values["hidden_size"] % values["num_attention_heads"]:
-        raise ConversionError(f"{origin}: hidden_size {values['hidden_size']} is no multiple of "
-                              f"num_attention_heads {values['num_attention_heads']}")
-    if values.get("relative_encoding") or float(values.get("attention_scale", 1.0)) != 1.0:
-        raise ConversionError(f"{origin}: relative_encoding and attention_scale != 1 are not implemented by our GLM")
-    values["output_predict"] = True  # the tied language-model head
-    return GLMConfig(**values)
+def match_names(keys: Iterable[str], expected: Iterable[str], wrapper: str) -> Tuple[Dict[str, str], List[str]]:
+    """(expected name -> the stored key that holds it, stored keys that match none). A stored key may lack the
+    release's `wrapper` (a base model saved alone) or carry a training wrapper (`module.`, `model.`)."""
+    expected = set(expected)
+    found: Dict[str, str] = {}
+    left = []
+    for key in keys:
+        unwrapped = [key[len(prefix):] for prefix in WRAPPER_PREFIXES if key.startswith(prefix)]
+        candidates = [key, wrapper + key] + unwrapped + [wrapper + name for name in unwrapped]
+        name = next((candidate for candidate in candidates if candidate in expected), None)
+        if name is None:
+            left.append(key)
+        else:
+            found[name] = key
+    return found, left
 
 
-def _check_names(config: GLMConfig, found: Iterable[str], origin: str) -> None:
-    expected, found = _names(config), set(found)
-    missing, unexpected = [n for n in expected if n not in found], sorted(found - set(expected))
-    shape = f"a {config.num_layers}-layer GLM"
+def _check_names(release: Release, config: Any, found: Dict[str, str], left: Sequence[str], names: Sequence[str],
+                 origin: str) -> None:
+    """Refuse quantized weights, missing tensors and tensors our model has no place for, naming them."""
+    quantized = sorted(key for key in list(found.values()) + list(left) if key.endswith(QUANTIZED))
+    if quantized:
+        raise ConversionError(f"{origin}: quantized weights ({quantized[0]}, ...): {QUANTIZED_ADVICE}")
+    missing = [name for name in names if name not in found]
+    shape = f"a {config.num_hidden_layers}-layer {release.model_class.__name__}"
     if missing:
         raise ConversionError(f"{origin}: missing tensor(s) of {shape}: {', '.join(missing[:8])}"
                               + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-    if unexpected:
-        raise ConversionError(f"{origin}: tensor(s) not part of {shape}: {', '.join(unexpected[:8])} "
+    if left:
+        raise ConversionError(f"{origin}: tensor(s) not part of {shape}: {', '.join(sorted(left)[:8])} "
                               "(a task head or prompt encoder, or more layers than the config says?)")
+
+
+def _refuse_quantized(config: Dict[str, Any], origin: str) -> None:
+    if config.get("quantization_bit"):
+        raise ConversionError(f"{origin}: quantization_bit {config['quantization_bit']}: {QUANTIZED_ADVICE}")
+
+
+def _describe(config: Any) -> str:
+    return ", ".join(f"{name}={getattr(config, name)}"
+                     for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"))
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+class Source:
+    """A checkpoint opened for conversion: its family, release and config, its tensors read on demand."""
+
+    torch_layout: bool  # Linear weights stored [out, in]
+
+    def __init__(self, family: Family, release: Release, config: Any, origin: str, tokenizer_dirs: Sequence[str]):
+        self.family, self.release, self.config = family, release, config
+        try:
+            self.specs = release.specs(config)
+        except ValueError as exc:  # the model's own checks: settings it does not implement
+            raise ConversionError(f"{origin}: {exc}") from None
+        self.tokenizer_dirs = tokenizer_dirs
+
+    def tensors(self) -> Tensors:
+        """Every spec's tensor in the source's layout, whole."""
+        raise NotImplementedError
+
+    def where(self, spec: TensorSpec) -> str:
+        """The file(s) a tensor comes from, for messages."""
+        raise NotImplementedError
+
+    def stored_name(self, spec: TensorSpec) -> str:
+        """A tensor's name in the source, for messages."""
+        return spec.hf_name
+
+
+class KeyedSource(Source):
+    """Files of named tensors (hf, paddle), read one file at a time; each is closed before the next opens."""
+
+    def __init__(self, family: Family, release: Release, config: Any, files: Sequence[str],
+                 weight_map: Dict[str, str], hf: bool, origin: str, tokenizer_dirs: Sequence[str]):
+        super().__init__(family, release, config, origin, tokenizer_dirs)
+        self.files, self.hf, self.torch_layout = list(files), hf, hf
+        self.opened: Dict[str, Getters] = {}
+        if not weight_map:  # no index: the single file says what it holds
+            self.opened = {files[0]: open_weights(files[0])}
+            weight_map = dict.fromkeys(self.opened[files[0]], files[0])
+        derived = release.derived(config, "float32") if hf else {}  # release tensors ours computes: checked
+        self.checks = {name: value for name, value in derived.items() if not isinstance(value, str)}
+        names = [self._name(spec) for spec in self.specs]
+        expected = names + list(derived)
+        found, left = match_names(weight_map, expected, _wrapper(names) if hf else "")
+        _check_names(release, config, found, left, names, files[0] if len(files) == 1 else os.path.dirname(files[0]))
+        self.key = found  # name -> stored key
+        self.file = {name: weight_map[key] for name, key in found.items()}
+
+    def _name(self, spec: TensorSpec) -> str:
+        return spec.hf_name if self.hf else spec.name
+
+    def where(self, spec: TensorSpec) -> str:
+        return self.file[self._name(spec)]
+
+    def stored_name(self, spec: TensorSpec) -> str:
+        return self.key[self._name(spec)]
+
+    def tensors(self) -> Tensors:
+        by_file = defaultdict(list)
+        for spec in self.specs:
+            by_file[self.where(spec)].append(spec)
+        for file in self.files:
+            checks = [name for name in self.checks if self.file.get(name) == file]
+            if not by_file[file] and not checks:
+                continue
+            getters = self.opened.pop(file, None) or open_weights(file)
+            for spec in by_file[file]:
+                yield spec, self._get(getters, self.key[self._name(spec)], file)
+            for name in checks:
+                stored = self._get(getters, self.key[name], file)
+                if stored.shape != self.checks[name].shape or not np.array_equal(stored.astype("float32"),
+                                                                                  self.checks[name]):
+                    raise ConversionError(f"{file}: tensor {self.key[name]} differs from what our model computes "
+                                          "for it (THUDM's): a modified model, which the conversion would change")
+            del getters  # the file closes here (its memory map with it)
+
+    @staticmethod
+    def _get(getters: Getters, key: str, file: str) -> np.ndarray:
+        if key not in getters:
+            raise ConversionError(f"{file}: no tensor {key}, which the index says is in this file")
+        return _read(getters, key, file)
+
+
+class ThudmSource(Source):
+    """A GLM training checkpoint of THUDM: model-parallel rank files, each a slice of every tensor."""
+
+    torch_layout = True
+
+    def __init__(self, files: Sequence[str], ranks: Sequence[Getters], config: Any, preset: Optional[str]):
+        iteration_dir = os.path.dirname(os.path.abspath(files[0]))
+        super().__init__(FAMILIES["glm"], RELEASES["glm"], config, files[0],
+                         [iteration_dir, os.path.dirname(iteration_dir)])
+        self.files, self.ranks = list(files), list(ranks)
+        self.copies = THUDM_EMBEDDING_COPIES.get(preset or "", [])
+        names = [spec.hf_name for spec in self.specs]
+        self.keys = []  # per rank: name -> stored key
+        for file, getters in zip(files, ranks):
+            found, left = match_names(getters, names, _wrapper(names))
+            _check_names(self.release, config, found, left, names, file)
+            self.keys.append(found)
+
+    def where(self, spec: TensorSpec) -> str:
+        return self.files[0] if len(self.files) == 1 else f"{os.path.dirname(self.files[0])}/mp_rank_*"
+
+    def _rank_shape(self, spec: TensorSpec) -> Tuple[int, ...]:
+        """The slice of a tensor (torch layout) that one THUDM model-parallel rank holds."""
+        shape = list(spec.source_shape(torch_layout=True))
+        if spec.mp_split != SAME:
+            shape[1 if spec.mp_split == COLS else 0] //= len(self.files)
+        return tuple(shape)
+
+    def tensors(self) -> Tensors:
+        for spec in self.specs:
+            parts = []
+            for file, getters, keys in zip(self.files, self.ranks, self.keys):
+                part = _read(getters, keys[spec.hf_name], file)
+                if part.shape != self._rank_shape(spec):
+                    raise ConversionError(f"{file}: tensor {spec.hf_name} has shape {list(part.shape)}, expected "
+                                          f"{list(self._rank_shape(spec))} (rank's share of "
+                                          f"{list(spec.source_shape(True))} for {_describe(self.config)})")
+                if spec.mp_split == SAME and parts and not np.array_equal(part, parts[0]):
+                    raise ConversionError(f"{file}: tensor {spec.hf_name} differs from {self.files[0]}'s: replicated "
+                                          "tensors must be equal on every rank")
+                parts.append(part)
+            array = merge_model_parallel(parts, spec.mp_split)
+            if spec.hf_name.endswith("word_embeddings.weight") and self.copies:
+                array = array.copy()
+                for row, copy_to in self.copies:
+                    array[copy_to] = array[row]
+            yield spec, array
+
+
+def _family_and_release(config: Dict[str, Any], origin: str) -> Tuple[Family, Release]:
+    try:
+        family = family_of(config)
+    except ValueError as exc:
+        raise ConversionError(f"{origin}: {exc}") from None
+    if family.name not in RELEASES:
+        raise ConversionError(f"{origin}: no conversion is known for the {family.name} family")
+    return family, RELEASES[family.name]
+
+
+def _config(make: Callable[..., Any], origin: str, *args: Any) -> Any:
+    try:
+        return make(*args)
+    except (ValueError, TypeError) as exc:
+        raise ConversionError(f"{origin}: {exc}") from None
+
+
+def _read_json(path: str) -> Dict[str, Any]:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _config_json(directory: str, why: str) -> Tuple[str, Dict[str, Any]]:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ConversionError(f"{directory}: no config.json ({why})")
+    return path, _read_json(path)
 
 
 def thudm_rank_files(path: str) -> List[str]:
@@ -357,96 +443,56 @@ def thudm_rank_files(path: str) -> List[str]:
 
 def _thudm_hyperparameters(getters: Getters, ranks: int) -> Dict[str, Any]:
     """What a THUDM rank's tensors show of the config: everything but the number of heads."""
-    layers = [int(m.group(1)) for key in getters if (m := re.match(r"transformer\.layers\.(\d+)\.", key))]
-    block = "transformer.block_position_embeddings.weight" in getters
+    def stored(name: str) -> Optional[str]:
+        return next((key for key in getters if key == name or key.endswith("." + name)), None)
+
+    layers = [int(m.group(1)) for key in getters if (m := re.search(r"(?:^|\.)transformer\.layers\.(\d+)\.", key))]
+    block = stored("transformer.block_position_embeddings.weight") is not None
     values: Dict[str, Any] = {"num_layers": max(layers) + 1 if layers else None, "block_position_encoding": block}
-    if "word_embeddings.weight" in getters:
-        vocab, values["hidden_size"] = getters["word_embeddings.weight"]().shape
+    if stored("word_embeddings.weight"):
+        vocab, values["hidden_size"] = getters[stored("word_embeddings.weight")]().shape
         values["vocab_size"] = vocab * ranks
-    if "transformer.position_embeddings.weight" in getters:
-        values["max_sequence_length"] = getters["transformer.position_embeddings.weight"]().shape[0] - block
+    if stored("transformer.position_embeddings.weight"):
+        values["max_sequence_length"] = getters[stored("transformer.position_embeddings.weight")]().shape[0] - block
     return values
 
 
-def read_thudm(path: str, overrides: Dict[str, Any]) -> Source:
-    """A THUDM training checkpoint with any number of model-parallel ranks."""
+def read_thudm(path: str, overrides: Dict[str, Any], preset: Optional[str]) -> Source:
+    """A GLM training checkpoint of THUDM with any number of model-parallel ranks."""
     files = thudm_rank_files(path)
     ranks = [open_weights(file, state_key="module") for file in files]
-    config = _config({**_thudm_hyperparameters(ranks[0], len(files)), **overrides}, origin=files[0])
+    values = {**_thudm_hyperparameters(ranks[0], len(files)), **overrides}
+    config = _config(RELEASES["glm"].config_from_ours, files[0], values, {})
     for key in ("vocab_size", "num_attention_heads"):
         if getattr(config, key) % len(files):
             raise ConversionError(f"{files[0]}: {key} {getattr(config, key)} does not split over {len(files)} ranks")
-    for file, getters in zip(files, ranks):
-        _check_names(config, getters, file)
-
-    def read(spec: TensorSpec) -> np.ndarray:
-        parts = []
-        for file, getters in zip(files, ranks):
-            part = _read(getters, spec.name, file)
-            if part.shape != spec.rank_shape(len(files)):
-                raise ConversionError(f"{file}: tensor {spec.name} has shape {list(part.shape)}, expected "
-                                      f"{list(spec.rank_shape(len(files)))} (rank's share of "
-                                      f"{list(spec.torch_shape)} for {_describe(config)})")
-            if spec.mp_split == SAME and parts and not np.array_equal(part, parts[0]):
-                raise ConversionError(f"{file}: tensor {spec.name} differs from {files[0]}'s: replicated tensors "
-                                      "must be equal on every rank")
-            parts.append(part)
-        return merge_model_parallel(parts, spec.mp_split)
-
-    where = dict.fromkeys(_names(config), files[0] if len(files) == 1 else f"{os.path.dirname(files[0])}/mp_rank_*")
-    iteration_dir = os.path.dirname(os.path.abspath(files[0]))
-    tokenizer = _find_tokenizer(iteration_dir, os.path.dirname(iteration_dir))
-    return Source(config, True, where, read, tokenizer)
+    return ThudmSource(files, ranks, config, preset)
 
 
-def read_hf(path: str, overrides: Dict[str, Any]) -> Source:
-    """The Hugging Face release: config.json with pytorch_model.bin or *.safetensors."""
+def read_hf(path: str, overrides: Dict[str, Any], preset: Optional[str]) -> Source:
+    """THUDM's Hugging Face release: config.json with pytorch_model*.bin or *.safetensors (single or sharded)."""
     directory = path if os.path.isdir(path) else os.path.dirname(path)
-    config_file = os.path.join(directory, "config.json")
-    if not os.path.isfile(config_file):
-        raise ConversionError(f"{directory}: no config.json (the Hugging Face layout keeps its hyper-parameters there)")
-    with open(config_file, encoding="utf-8") as handle:
-        hf = json.load(handle)
-    hf.setdefault("num_layers", hf.get("num_hidden_layers"))
-    values = {key: hf[key] for key in HF_CONFIG_FIELDS + ("layernorm_epsilon",) if key in hf}
-    config = _config({**values, **overrides}, origin=config_file)
-    candidates = [WEIGHT_FILES["hf", "safetensors"], WEIGHT_FILES["hf", "bin"]]
-    files = [path] if os.path.isfile(path) else _weights_in_directory(directory, candidates)
-    return _keyed_source(config, files, torch_layout=True, tokenizer=_find_tokenizer(directory))
+    config_file, hf = _config_json(directory, "the Hugging Face layout keeps its hyper-parameters there")
+    family, release = _family_and_release(hf, config_file)
+    _refuse_quantized(hf, config_file)
+    config = _config(release.config_from_hf, config_file, hf, overrides)
+    if os.path.isfile(path):
+        files, weight_map = [path], {}
+    else:
+        files, weight_map = _weights_in_directory(directory, [WEIGHT_FILES["hf", "safetensors"],
+                                                              WEIGHT_FILES["hf", "bin"]])
+    return KeyedSource(family, release, config, files, weight_map, True, config_file, [directory])
 
 
-def read_paddle(path: str, overrides: Dict[str, Any]) -> Source:
-    """Ours or PaddleNLP's: config.json with model.safetensors or model_state.pdparams."""
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        raise ConversionError(f"{path}: no config.json")
-    with open(config_file, encoding="utf-8") as handle:
-        config = _config({**json.load(handle), **overrides}, origin=config_file)
-    files = _weights_in_directory(path, [WEIGHT_FILES["paddle", "safetensors"], WEIGHT_FILES["paddle", "pdparams"]])
-    return _keyed_source(config, files, torch_layout=False, tokenizer=_find_tokenizer(path))
-
-
-def _keyed_source(config: GLMConfig, files: Sequence[str], torch_layout: bool, tokenizer: Optional[str]) -> Source:
-    getters: Getters = {}
-    where: Dict[str, str] = {}
-    for file in files:
-        for name, getter in open_weights(file).items():
-            getters[name], where[name] = getter, file
-    _check_names(config, getters, files[0] if len(files) == 1 else os.path.dirname(files[0]))
-    return Source(config, torch_layout, where, lambda spec: _read(getters, spec.name, where[spec.name]), tokenizer)
-
-
-def _names(config: GLMConfig) -> List[str]:
-    return [spec.name for spec in glm_tensor_specs(config)]
-
-
-def _describe(config: GLMConfig) -> str:
-    return ", ".join(f"{name}={getattr(config, name)}" for name in SHAPE_FLAGS)
-
-
-def _find_tokenizer(*directories: str) -> Optional[str]:
-    found = [os.path.join(d, TOKENIZER_FILE) for d in directories if os.path.isfile(os.path.join(d, TOKENIZER_FILE))]
-    return found[0] if found else None
+def read_paddle(path: str, overrides: Dict[str, Any], preset: Optional[str]) -> Source:
+    """Ours or PaddleNLP's: config.json with model.safetensors or model_state.pdparams (single or sharded)."""
+    config_file, values = _config_json(path, "ours keeps the model's config there")
+    family, release = _family_and_release(values, config_file)
+    _refuse_quantized(values, config_file)
+    config = _config(release.config_from_ours, config_file, values, overrides)
+    files, weight_map = _weights_in_directory(path, [WEIGHT_FILES["paddle", "safetensors"],
+                                                     WEIGHT_FILES["paddle", "pdparams"]])
+    return KeyedSource(family, release, config, files, weight_map, False, config_file, [path])
 
 
 READERS = {"thudm": read_thudm, "hf": read_hf, "paddle": read_paddle}
@@ -456,7 +502,8 @@ READERS = {"thudm": read_thudm, "hf": read_hf, "paddle": read_paddle}
 
 class ShardedWriter:
     """Writes tensors as they come into files of at most `max_bytes`, named and indexed as `save_pretrained`
-    names them: one `weights_name`, or `<stem>-00001-of-0000N<suffix>` files and the index `index_name`."""
+    names them: one `weights_name`, or `<stem>-00001-of-0000N<suffix>` files and the index `index_name`.
+    Tensors are copied in (a view would keep its source file mapped until the shard is written)."""
 
     def __init__(self, directory: str, weights_name: str, index_name: str,
                  save: Callable[[Dict[str, np.ndarray], str], None], max_bytes: int):
@@ -469,7 +516,7 @@ class ShardedWriter:
     def add(self, name: str, array: np.ndarray) -> None:
         if self.pending and self.pending_bytes + array.nbytes > self.max_bytes:
             self._flush()
-        self.pending[name] = np.ascontiguousarray(array)
+        self.pending[name] = np.array(array, order="C", copy=True)
         self.pending_bytes += array.nbytes
         self.total_bytes += array.nbytes
 
@@ -545,42 +592,21 @@ def _prepare_output(dst: str, overwrite: bool) -> None:
         os.remove(os.path.join(dst, name))
 
 
-def hf_config(config: GLMConfig, dtype: str) -> Dict[str, Any]:
-    """config.json for the Hugging Face release's GLM classes."""
-    values = {field: getattr(config, field) for field in HF_CONFIG_FIELDS}
-    return {"architectures": ["GLMForConditionalGeneration"], "auto_map": HF_AUTO_MAP, "model_type": "glm",
-            **values, "max_memory_length": 0, "checkpoint_activations": False, "torch_dtype": dtype}
-
-
-def _tokenizer(spm_file: str, config: GLMConfig) -> Any:
-    """GLM's tokenizer over `spm_file`, checked to fit the model's vocabulary."""
-    from .models.glm import tokenizer_from_sentencepiece
-
-    try:
-        tokenizer = tokenizer_from_sentencepiece(spm_file)
-    except Exception as exc:
-        raise ConversionError(f"{spm_file}: not a GLM sentencepiece model ({type(exc).__name__}: {exc})") from exc
-    if len(tokenizer) > config.vocab_size:
-        raise ConversionError(f"{spm_file}: its {len(tokenizer)} tokens do not fit the model's vocabulary of "
-                              f"{config.vocab_size}: not this model's tokenizer")
-    return tokenizer
-
-
-def _outputs(dst: str, target_layout: str, weights_format: str, degree: int, config: GLMConfig,
+def _outputs(dst: str, target_layout: str, weights_format: str, degree: int, source: Source,
              max_shard_size: str) -> List[Tuple[ShardedWriter, Dict[str, Callable]]]:
     """One writer per output file set (the model, or each tensor-parallel rank) with the split actions of its
-    rank: PaddleNLP's own (`_get_tensor_parallel_mappings` through `get_tensor_parallel_convert_actions`, which
-    puts the `glm.` in front of its names)."""
+    rank: the model class's own (`_get_tensor_parallel_mappings` through `get_tensor_parallel_convert_actions`,
+    which resolves its names under ours)."""
     weights_name, index_name = WEIGHT_FILES[target_layout, weights_format]
     save, max_bytes = SAVERS[target_layout, weights_format], convert_file_size_to_int(max_shard_size)
     if degree == 1:
         return [(ShardedWriter(dst, weights_name, index_name, save, max_bytes), {})]
-    names = [PREFIX + name for name in _names(config)]
+    names = [spec.name for spec in source.specs]
     outputs = []
     for rank in range(degree):
-        rank_config = copy.deepcopy(config)
+        rank_config = copy.deepcopy(source.config)
         rank_config.tensor_parallel_degree, rank_config.tensor_parallel_rank = degree, rank
-        actions = GLMForConditionalGeneration.get_tensor_parallel_convert_actions(rank_config, names, is_split=True)
+        actions = source.release.model_class.get_tensor_parallel_convert_actions(rank_config, names, is_split=True)
         variant = f"tp{rank:02d}"
         writer = ShardedWriter(dst, _add_variant(weights_name, variant), _add_variant(index_name, variant), save,
                                max_bytes)
@@ -588,21 +614,96 @@ def _outputs(dst: str, target_layout: str, weights_format: str, degree: int, con
     return outputs
 
 
-def _target_tensor(source: Source, spec: TensorSpec, target_layout: str, dtype: Optional[str]) -> np.ndarray:
-    """One tensor read, checked against the config, laid out for the target and cast."""
-    array = source.read(spec)
-    expected = spec.shape(source.torch_layout)
+def _target_tensor(source: Source, spec: TensorSpec, array: np.ndarray, target_layout: str,
+                   dtype: Optional[str]) -> np.ndarray:
+    """One tensor checked against the config, laid out for the target and cast."""
+    expected = spec.source_shape(source.torch_layout)
     if tuple(array.shape) != expected:
-        raise ConversionError(f"{source.where[spec.name]}: tensor {spec.name} has shape {list(array.shape)}, "
+        raise ConversionError(f"{source.where(spec)}: tensor {source.stored_name(spec)} has shape {list(array.shape)}, "
                               f"expected {list(expected)} for {_describe(source.config)}")
     if not np.issubdtype(array.dtype, np.floating):
-        raise ConversionError(f"{source.where[spec.name]}: tensor {spec.name} holds {array.dtype}, not floats")
+        raise ConversionError(f"{source.where(spec)}: tensor {source.stored_name(spec)} holds {array.dtype}, not "
+                              "floats")
     if spec.transposed and source.torch_layout != (target_layout == "hf"):
         array = array.T
     return array.astype(dtype or array.dtype, copy=False)
 
 
+# ------------------------------------------------------------------------------------------- tokenizers
+
+def _tokenizer_file(source: Source, spm: Optional[str]) -> Optional[str]:
+    """--spm, or the family's sentencepiece model next to the source."""
+    if spm:
+        return spm
+    found = [os.path.join(d, source.release.tokenizer_file) for d in source.tokenizer_dirs]
+    return next((path for path in found if os.path.isfile(path)), None)
+
+
+def _load_tokenizer(source: Source, spm: str, staging: str) -> Any:
+    """The family's tokenizer over `spm` with the source's tokenizer settings (THUDM's or ours), loaded as the family
+    loads a checkpoint's (its checks included) and checked to fit the model's vocabulary."""
+    settings: Dict[str, Any] = {}
+    for directory in source.tokenizer_dirs:
+        if os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
+            settings = _read_json(os.path.join(directory, "tokenizer_config.json"))
+            break
+    settings = {key: value for key, value in settings.items() if key != "auto_map"}  # THUDM's code files: not ours
+    settings["tokenizer_class"] = source.family.tokenizer_classes[0]
+    settings.setdefault("name_or_path", os.path.abspath(source.tokenizer_dirs[0]))  # a model's name (chatglm2-6b/)
+    shutil.copyfile(spm, os.path.join(staging, source.release.tokenizer_file))
+    with open(os.path.join(staging, "tokenizer_config.json"), "w", encoding="utf-8") as handle:
+        json.dump(settings, handle, ensure_ascii=False, indent=2)
+    try:
+        tokenizer = source.family.load_tokenizer(staging)
+    except Exception as exc:
+        raise ConversionError(f"{spm}: not a {source.family.name} tokenizer ({type(exc).__name__}: {exc})") from exc
+    if len(tokenizer) > source.config.vocab_size:
+        raise ConversionError(f"{spm}: its {len(tokenizer)} tokens do not fit the model's vocabulary of "
+                              f"{source.config.vocab_size}: not this model's tokenizer")
+    return tokenizer
+
+
+def _save_tokenizer(tokenizer: Any, release: Release, dst: str, target_layout: str, staging: str) -> None:
+    """Ours: as the tokenizer saves itself. Hugging Face: the sentencepiece model as THUDM's release names it and,
+    where the release has one, its tokenizer_config.json naming THUDM's tokenizer class (its code files, as its
+    model code files, are THUDM's to copy)."""
+    if target_layout == "paddle":
+        tokenizer.save_pretrained(dst)
+        return
+    saved = os.path.join(staging, "saved")
+    tokenizer.save_pretrained(saved)
+    shutil.copyfile(os.path.join(saved, release.tokenizer_file), os.path.join(dst, release.tokenizer_file))
+    if release.hf_tokenizer:
+        settings = {**_read_json(os.path.join(saved, "tokenizer_config.json")), **release.hf_tokenizer}
+        with open(os.path.join(dst, "tokenizer_config.json"), "w", encoding="utf-8") as handle:
+            json.dump(settings, handle, ensure_ascii=False, indent=2)
+
+
 # ------------------------------------------------------------------------------------------- conversion
+
+def _write_tensors(source: Source, outputs: List[Tuple[ShardedWriter, Dict[str, Callable]]], target_layout: str,
+                   dtype: Optional[str]) -> str:
+    """Stream every tensor into the outputs; returns the dtype written (the first tensor's unless asked)."""
+    hf = target_layout == "hf"
+    aliases = defaultdict(list)  # for --to hf: tensor -> the release's names of copies of it (a tied lm_head)
+    for name, value in (source.release.derived(source.config, "float32") if hf else {}).items():
+        if isinstance(value, str):
+            aliases[value].append(name)
+    for spec, array in tqdm(source.tensors(), total=len(source.specs), desc="converting", unit="tensor", disable=None):
+        array = _target_tensor(source, spec, array, target_layout, dtype)
+        dtype = str(array.dtype)
+        name = spec.hf_name if hf else spec.name
+        for writer, actions in outputs:
+            writer.add(name, actions[name](array) if name in actions else array)
+            for alias in aliases[name]:
+                writer.add(alias, array)
+        del array  # before the next tensor is read: it may be a view that keeps its source file mapped
+    if hf:
+        for name, value in source.release.derived(source.config, dtype).items():
+            if not isinstance(value, str):
+                outputs[0][0].add(name, value)
+    return dtype
+
 
 def convert(source_layout: str, target_layout: str, src: str, dst: str, *, weights_format: str = "safetensors",
             tensor_parallel_degree: int = 1, dtype: Optional[str] = None, spm: Optional[str] = None,
@@ -611,11 +712,13 @@ def convert(source_layout: str, target_layout: str, src: str, dst: str, *, weigh
     """Convert the checkpoint `src` (layout thudm, hf or paddle) into `dst` (layout paddle or hf).
 
     Returns the weight files written. Raises ConversionError, naming file and tensor, on anything that does not
-    fit: unreadable files, missing or unexpected tensors, shapes that contradict the config.
+    fit: unreadable files, missing or unexpected tensors, shapes that contradict the config, quantized releases.
     """
     if (target_layout, weights_format) not in SAVERS:
         raise ConversionError(f"--to {target_layout} writes {' or '.join(f for t, f in SAVERS if t == target_layout)}, "
                               f"not {weights_format}")
+    if tensor_parallel_degree < 1:
+        raise ConversionError(f"--tensor_parallel_degree {tensor_parallel_degree}: give 1 (one model) or more")
     if tensor_parallel_degree > 1 and target_layout != "paddle":
         raise ConversionError("--tensor_parallel_degree writes PaddleNLP's tensor-parallel files: use --to paddle")
     if os.path.abspath(src) == os.path.abspath(dst):
@@ -623,47 +726,36 @@ def convert(source_layout: str, target_layout: str, src: str, dst: str, *, weigh
     if preset is not None and preset not in PRESETS:
         raise ConversionError(f"unknown preset {preset}: choose one of {', '.join(PRESETS)}")
     given = {key: value for key, value in (config_overrides or {}).items() if value is not None}
-    overrides = {**PRESETS.get(preset or "", {}), **given}
-    source = READERS[source_layout](src, overrides)
-    config = source.config
-    spm = spm or source.tokenizer_file
-    tokenizer = _tokenizer(spm, config) if spm else None
-    if tensor_parallel_degree > 1 and (config.num_attention_heads % tensor_parallel_degree
-                                       or config.vocab_size % tensor_parallel_degree):
-        raise ConversionError(f"--tensor_parallel_degree {tensor_parallel_degree} must divide the "
-                              f"{config.num_attention_heads} heads and the vocabulary of {config.vocab_size}")
-    _prepare_output(dst, overwrite)
+    source = READERS[source_layout](src, {**PRESETS.get(preset or "", {}), **given}, preset)
+    if preset is not None and source.family.name != "glm":
+        raise ConversionError(f"--preset names GLM's released sizes; {src} is a {source.family.name} checkpoint")
+    problems = source.family.tensor_parallel_problems(source.config, tensor_parallel_degree)
+    if problems:
+        raise ConversionError("; ".join(problems))
 
-    specs = glm_tensor_specs(config)
-    outputs = _outputs(dst, target_layout, weights_format, tensor_parallel_degree, config, max_shard_size)
-    try:
-        for spec in tqdm(specs, desc="converting", unit="tensor", disable=None):
-            array = _target_tensor(source, spec, target_layout, dtype)
-            if source_layout == "thudm" and spec.name == "word_embeddings.weight":
-                for row, copy_to in THUDM_EMBEDDING_COPIES.get(preset or "", []):
-                    array = array.copy()
-                    array[copy_to] = array[row]
-            dtype = str(array.dtype)  # the first tensor's unless asked
-            for writer, actions in outputs:
-                name = PREFIX + spec.name
-                writer.add(name, actions[name](array) if name in actions else array)
-    except BaseException:
-        for writer, _ in outputs:
-            writer.abort()
-        raise
-    written = [name for writer, _ in outputs for name in writer.close()]
+    with tempfile.TemporaryDirectory() as staging:
+        spm = _tokenizer_file(source, spm)
+        tokenizer = _load_tokenizer(source, spm, staging) if spm else None
+        _prepare_output(dst, overwrite)
+        outputs = _outputs(dst, target_layout, weights_format, tensor_parallel_degree, source, max_shard_size)
+        try:
+            dtype = _write_tensors(source, outputs, target_layout, dtype)
+        except BaseException:
+            for writer, _ in outputs:
+                writer.abort()
+            raise
+        written = [name for writer, _ in outputs for name in writer.close()]
 
-    if target_layout == "paddle":
-        config.architectures, config.dtype = ["GLMForConditionalGeneration"], dtype
-        config.save_pretrained(dst)
-    else:
-        with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as handle:
-            json.dump(hf_config(config, dtype), handle, indent=2)
-    if tokenizer is not None and target_layout == "paddle":
-        tokenizer.save_pretrained(dst)
-    elif tokenizer is not None:  # the release's tokenization_glm.py reads the sentencepiece model itself
-        shutil.copyfile(spm, os.path.join(dst, TOKENIZER_FILE))
-    logger.info(f"{src} ({source_layout}) -> {dst} ({target_layout}): {', '.join(written)}"
+        config = source.config
+        if target_layout == "paddle":
+            config.architectures, config.dtype = [source.release.model_class.__name__], dtype
+            config.save_pretrained(dst)
+        else:
+            with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as handle:
+                json.dump(source.release.hf_config(config, dtype), handle, indent=2)
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, source.release, dst, target_layout, staging)
+    logger.info(f"{src} ({source_layout}, {source.family.name}) -> {dst} ({target_layout}): {', '.join(written)}"
                 + (f", tokenizer from {spm}" if spm else ", no tokenizer (give --spm)"))
     return written
 
@@ -673,46 +765,52 @@ def convert(source_layout: str, target_layout: str, src: str, dst: str, *, weigh
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m paddle_glm.convert",
-        description="Convert GLM checkpoints: THUDM's training checkpoints (--from thudm) or the Hugging Face "
-                    "release (--from hf) into ours/PaddleNLP's (--to paddle), and ours into the Hugging Face "
-                    "layout (--from paddle --to hf). Reading .pt/.bin needs PyTorch (pip install "
-                    "'paddle-glm[convert]'); safetensors do not.",
+        description="Convert checkpoints of GLM, ChatGLM-6B and ChatGLM2/3-6B: THUDM's Hugging Face releases "
+                    "(--from hf) or GLM training checkpoints (--from thudm) into ours/PaddleNLP's (--to paddle), and "
+                    "ours into the Hugging Face layout (--from paddle --to hf). The family comes from config.json. "
+                    "Reading .pt/.bin needs PyTorch (pip install 'paddle-glm[convert]'); safetensors do not.",
     )
-    parser.add_argument("src", metavar="SRC", help="the checkpoint to convert: THUDM's folder (with "
-                        "latest_checkpointed_iteration.txt), an iteration folder of mp_rank_XX_model_states.pt "
-                        "files or one such file; a Hugging Face or Paddle model folder")
+    parser.add_argument("src", metavar="SRC", help="the checkpoint to convert: a Hugging Face or Paddle model folder "
+                        "(config.json and the weights, single or sharded with an index); for GLM training "
+                        "checkpoints THUDM's folder (with latest_checkpointed_iteration.txt), an iteration folder "
+                        "of mp_rank_XX_model_states.pt files or one such file")
     parser.add_argument("dst", metavar="DST", help="folder to write config.json, the weights and the tokenizer to")
     parser.add_argument("--from", dest="source", required=True, choices=sorted(READERS),
-                        help="layout of SRC: thudm (training checkpoint), hf (Hugging Face release), paddle (ours)")
+                        help="layout of SRC: hf (THUDM's Hugging Face release), paddle (ours), thudm (GLM training "
+                             "checkpoint)")
     parser.add_argument("--to", dest="target", default="paddle", choices=["paddle", "hf"],
-                        help="layout to write: paddle (default; ours and PaddleNLP's) or hf (Hugging Face: [out, in] "
-                             "weights under glm., for the release's modeling_glm.py)")
+                        help="layout to write: paddle (default; ours and PaddleNLP's) or hf (THUDM's Hugging Face "
+                             "names, [out, in] weights and config.json, for its modeling_*.py)")
     parser.add_argument("--format", dest="weights_format", default="safetensors",
                         choices=["safetensors", "pdparams", "bin"],
                         help="weights file format: safetensors (default; model.safetensors), pdparams (--to paddle: "
                              "model_state.pdparams, for older PaddleNLP) or bin (--to hf: pytorch_model.bin)")
     parser.add_argument("--tensor_parallel_degree", type=int, default=1,
                         help="write N tensor-parallel shards (model.tp00.safetensors ... or "
-                             "model_state.tp00.pdparams ...) split by PaddleNLP's rules instead of one model "
-                             "(default 1)")
+                             "model_state.tp00.pdparams ...) split by the model's own rules (PaddleNLP's) instead of "
+                             "one model (default 1)")
     parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="hyper-parameters of a released GLM (PaddleNLP's GLM_PRETRAINED_INIT_CONFIGURATION), "
-                             "for THUDM checkpoints, which carry no config. With glm-10b-chinese, word embedding "
-                             "50007 is also copied to 50009, as THUDM's conversion to its Hugging Face release does")
+                        help="GLM only: hyper-parameters of a released GLM (PaddleNLP's "
+                             "GLM_PRETRAINED_INIT_CONFIGURATION), for THUDM checkpoints, which carry no config. With "
+                             "glm-10b-chinese, word embedding 50007 is also copied to 50009, as THUDM's conversion to "
+                             "its Hugging Face release does")
     shapes = parser.add_argument_group(
-        "model shape", "override --preset and the source's config; a THUDM checkpoint needs at least "
+        "model shape", "override --preset and the source's config; a THUDM GLM checkpoint needs at least "
         "--num_attention_heads (or --preset): the other values show in its tensors")
     for name, what in zip(SHAPE_FLAGS, ("transformer layers", "hidden size", "attention heads",
                                         "vocabulary size (word embedding rows)",
-                                        "longest sequence (position embedding rows, less 1 with block positions)")):
+                                        "longest sequence (GLM: position embedding rows, less 1 with block "
+                                        "positions)")):
         shapes.add_argument(f"--{name}", type=int, help=what)
     parser.add_argument("--dtype", choices=["float32", "float16"],
                         help="cast the weights to this type (default: keep the source's; bfloat16 becomes float32)")
-    parser.add_argument("--spm", help=f"sentencepiece model to write as the tokenizer (default: {TOKENIZER_FILE} "
-                        "found next to SRC; none found, no tokenizer is written)")
+    parser.add_argument("--spm", help="sentencepiece model to write as the tokenizer (default: the family's, found "
+                        "next to SRC: cog-pretrain.model, ice_text.model or tokenizer.model, with its "
+                        "tokenizer_config.json; none found, no tokenizer is written)")
     parser.add_argument("--max_shard_size", default="5GB",
                         help="largest weights file (default 5GB); a bigger model is written in shards with an index, "
-                             "as save_pretrained does. Memory needed: about twice this")
+                             "as save_pretrained does. Memory needed: about this (per tensor-parallel rank) plus one "
+                             "source file")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the weight files DST already holds (refused otherwise)")
     return parser
