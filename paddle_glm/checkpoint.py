@@ -3,9 +3,9 @@
     python -m paddle_glm.checkpoint merge SHARDED_DIR MERGED_DIR
     python -m paddle_glm.checkpoint split MERGED_DIR SHARDED_DIR --tensor_parallel_degree 2
 
-Shards are PaddleNLP's `model_state.tpXX.pdparams`, cut by the same rules PaddleNLP uses
-(`GLMPretrainedModel._get_tensor_parallel_mappings`: column/row splits and the per-head QKV layout),
-so either side's checkpoints work in the other. No process group is needed, and tensors move one at a
+Shards are PaddleNLP's `model_state.tpXX.pdparams`, cut by the rules of the checkpoint's family (its model class's
+`_get_tensor_parallel_mappings`: GLM's and ChatGLM-6B's are PaddleNLP's, per-head QKV; ChatGLM2/3's [Q | K | V]
+blocks with K/V groups split or replicated), so PaddleNLP's checkpoints and ours work in either. No process group is needed, and tensors move one at a
 time: a merge holds the shards (one copy of the weights) plus the tensor being joined; a split holds
 the whole checkpoint plus one shard.
 """
@@ -20,17 +20,18 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import paddle
-from .logs import logger
+from .logs import configure as configure_logs, logger
 from tqdm import tqdm
 
-from .models.glm import GLMConfig, GLMForConditionalGeneration
+from .args import VERBOSE_HELP, exit_on_bad_input
+from .models import Family, family_of
 
 __all__ = ["merge_shards", "split_checkpoint", "shard_files", "main"]
 
 WEIGHTS = "model_state.pdparams"
 SHARD = re.compile(r"model_state\.tp(\d\d)\.pdparams$")
-# Everything a checkpoint directory holds besides weights and config (tokenizer files).
-_SIDE_FILES = ("cog-pretrain.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+# Files a checkpoint directory holds besides the tokenizer's (copied as they are).
+_WEIGHTS = re.compile(r"^(model_state.*\.pdparams|model.*\.safetensors|.*\.index\.json|config\.json)$")
 
 
 def shard_files(directory: str) -> List[str]:
@@ -44,30 +45,32 @@ def shard_files(directory: str) -> List[str]:
     return files
 
 
-def _actions(config: GLMConfig, degree: int, rank: int, is_split: bool) -> Dict[str, Callable]:
+def _actions(family: Family, config, degree: int, rank: int, is_split: bool) -> Dict[str, Callable]:
     config.tensor_parallel_degree, config.tensor_parallel_rank = degree, rank
-    return GLMForConditionalGeneration._get_tensor_parallel_mappings(config, is_split=is_split)
+    return family.model_class._get_tensor_parallel_mappings(config, is_split=is_split)
 
 
-def _action_for(actions: Dict[str, Callable], key: str) -> Optional[Callable]:
-    """Mapping keys are relative to the base model (`transformer...`); state keys carry `glm.`."""
-    return actions.get(key.split(".", 1)[1] if key.startswith("glm.") else key)
+def _action_for(family: Family, actions: Dict[str, Callable], key: str) -> Optional[Callable]:
+    """Mapping keys are relative to the base model (`transformer...`); state keys carry its prefix (`glm.`)."""
+    prefix = family.model_class.base_model_prefix + "."
+    return actions.get(key[len(prefix):] if key.startswith(prefix) else key)
 
 
 def merge_shards(source: str, target: str) -> None:
     """Join `source`'s shards into `target/model_state.pdparams` (+ config with degree 1, tokenizer files)."""
     files = shard_files(source)
-    config = GLMConfig.from_pretrained(source)
+    family = family_of(source)
+    config = family.config_class.from_pretrained(source)
     if int(getattr(config, "tensor_parallel_degree", len(files))) not in (len(files), 1, -1):
         raise ValueError(f"{source}: config.json says tensor_parallel_degree {config.tensor_parallel_degree} "
                          f"but there are {len(files)} shards")
     shards = [paddle.load(path, return_numpy=True) for path in tqdm(files, desc="reading shards")]
     _check_same_keys(shards, files)
-    actions = _actions(config, len(files), 0, is_split=False)
+    actions = _actions(family, config, len(files), 0, is_split=False)
     merged = {}
     for key in tqdm(list(shards[0]), desc="merging"):
         parts = [shard.pop(key) for shard in shards]
-        action = _action_for(actions, key)
+        action = _action_for(family, actions, key)
         merged[key] = action(parts) if action else parts[0]
     _write(target, merged, config, degree=1, rank=0, source=source)
 
@@ -77,14 +80,15 @@ def split_checkpoint(source: str, target: str, degree: int) -> None:
     path = os.path.join(source, WEIGHTS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found (to merge shards use `merge`)")
-    config = GLMConfig.from_pretrained(source)
-    if config.num_attention_heads % degree or config.vocab_size % degree:
-        raise ValueError(f"--tensor_parallel_degree {degree} must divide the {config.num_attention_heads} heads "
-                         f"and the {config.vocab_size}-token vocabulary")
+    family = family_of(source)
+    config = family.config_class.from_pretrained(source)
+    problems = family.tensor_parallel_problems(config, degree)
+    if problems:
+        raise ValueError("; ".join(problems))
     full = paddle.load(path, return_numpy=True)
     for rank in tqdm(range(degree), desc="splitting"):
-        actions = _actions(config, degree, rank, is_split=True)
-        shard = {key: (_action_for(actions, key) or (lambda x: x))(value) for key, value in full.items()}
+        actions = _actions(family, config, degree, rank, is_split=True)
+        shard = {key: (_action_for(family, actions, key) or (lambda x: x))(value) for key, value in full.items()}
         _write(target, shard, config, degree=degree, rank=rank, source=source)
 
 
@@ -95,7 +99,7 @@ def _check_same_keys(shards: List[dict], files: List[str]) -> None:
             raise ValueError(f"{path} and {files[0]} hold different tensors (e.g. {difference}): not one checkpoint")
 
 
-def _write(target: str, state: Dict[str, np.ndarray], config: GLMConfig, degree: int, rank: int, source: str) -> None:
+def _write(target: str, state: Dict[str, np.ndarray], config, degree: int, rank: int, source: str) -> None:
     os.makedirs(target, exist_ok=True)
     name = WEIGHTS if degree == 1 else f"model_state.tp{rank:02d}.pdparams"
     temporary = os.path.join(target, f".{name}.tmp")
@@ -104,12 +108,14 @@ def _write(target: str, state: Dict[str, np.ndarray], config: GLMConfig, degree:
     if rank == 0:
         config.tensor_parallel_degree, config.tensor_parallel_rank = degree, 0
         config.save_pretrained(target)
-        for side in _SIDE_FILES:
-            if os.path.isfile(os.path.join(source, side)) and os.path.abspath(source) != os.path.abspath(target):
-                shutil.copy(os.path.join(source, side), os.path.join(target, side))
+        for side in sorted(os.listdir(source)):  # the tokenizer's files
+            path = os.path.join(source, side)
+            if os.path.isfile(path) and not _WEIGHTS.match(side) and os.path.abspath(source) != os.path.abspath(target):
+                shutil.copy(path, os.path.join(target, side))
     logger.info(f"wrote {os.path.join(target, name)}")
 
 
+@exit_on_bad_input
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m paddle_glm.checkpoint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,6 +127,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     split.add_argument("source", help="directory with model_state.pdparams and config.json")
     split.add_argument("target", help="directory to write the shards, config.json and tokenizer files to")
     split.add_argument("--tensor_parallel_degree", type=int, required=True, help="number of shards")
+    for command in (merge, split):
+        command.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    configure_logs(argv)
     args = parser.parse_args(argv)
     paddle.set_device("cpu")
     if args.command == "merge":

@@ -9,14 +9,14 @@
 
 The family comes from config.json (`paddle_glm.models.family_of`: THUDM's Hugging Face configs say model_type
 "chatglm" for ChatGLM-6B, ChatGLM2 and ChatGLM3 alike, their fields tell them apart); what its files look like is
-its `Release` (paddle_glm/releases.py). The layouts:
+its `Release` (`Family.release`, in the family's module; the base in paddle_glm/models/release.py). The layouts:
 - hf: THUDM's Hugging Face releases: config.json with pytorch_model.bin or model.safetensors, single or sharded
   with an index (`pytorch_model-00001-of-00008.bin` ... + `pytorch_model.bin.index.json`), names under the
   release's wrapper (`transformer.`, GLM's `glm.`) or without it (a base model saved alone: both read), Linear
   weights torch's [out, in]. THUDM's quantized releases (chatglm-6b-int4, chatglm2-6b-int4, ...) are refused.
 - thudm (GLM): training checkpoints of github.com/THUDM/GLM. `DIR/latest_checkpointed_iteration.txt` names the
   folder `DIR/<iteration>/` of `mp_rank_XX_model_states.pt` files, one per model-parallel rank, each with its state
-  dict under "module" and its slice of every parallel tensor (`mpu/layers.py`; see releases.GLM_TENSORS). No
+  dict under "module" and its slice of every parallel tensor (`mpu/layers.py`; see paddle_glm.models.glm.GLM_TENSORS). No
   config: `--preset` or the shape flags give what the tensors do not show.
 - paddle: ours and PaddleNLP's: config.json (PaddleNLP's config class) and `model.safetensors` or
   `model_state.pdparams` (single or sharded with an index), Linear weights [in, out].
@@ -57,11 +57,11 @@ import paddle
 from paddlenlp.transformers.utils import convert_file_size_to_int
 from tqdm import tqdm
 
-from .logs import logger
-from .models import FAMILIES, Family, family_of
-from .releases import (
-    COLS, PRESETS, RELEASES, SAME, SHAPE_FLAGS, THUDM_EMBEDDING_COPIES, Release, TensorSpec, merge_model_parallel,
-)
+from .args import VERBOSE_HELP
+from .logs import configure as configure_logs, logger
+from .models import Family, family_of
+from .models.glm import FAMILY as GLM, PRESETS, SHAPE_FLAGS, THUDM_EMBEDDING_COPIES
+from .models.release import COLS, SAME, Release, TensorSpec, merge_model_parallel
 
 __all__ = ["ConversionError", "convert", "main"]
 
@@ -347,7 +347,7 @@ class ThudmSource(Source):
 
     def __init__(self, files: Sequence[str], ranks: Sequence[Getters], config: Any, preset: Optional[str]):
         iteration_dir = os.path.dirname(os.path.abspath(files[0]))
-        super().__init__(FAMILIES["glm"], RELEASES["glm"], config, files[0],
+        super().__init__(GLM, GLM.release, config, files[0],
                          [iteration_dir, os.path.dirname(iteration_dir)])
         self.files, self.ranks = list(files), list(ranks)
         self.copies = THUDM_EMBEDDING_COPIES.get(preset or "", [])
@@ -394,9 +394,9 @@ def _family_and_release(config: Dict[str, Any], origin: str) -> Tuple[Family, Re
         family = family_of(config)
     except ValueError as exc:
         raise ConversionError(f"{origin}: {exc}") from None
-    if family.name not in RELEASES:
+    if family.release is None:
         raise ConversionError(f"{origin}: no conversion is known for the {family.name} family")
-    return family, RELEASES[family.name]
+    return family, family.release
 
 
 def _config(make: Callable[..., Any], origin: str, *args: Any) -> Any:
@@ -462,7 +462,7 @@ def read_thudm(path: str, overrides: Dict[str, Any], preset: Optional[str]) -> S
     files = thudm_rank_files(path)
     ranks = [open_weights(file, state_key="module") for file in files]
     values = {**_thudm_hyperparameters(ranks[0], len(files)), **overrides}
-    config = _config(RELEASES["glm"].config_from_ours, files[0], values, {})
+    config = _config(GLM.release.config_from_ours, files[0], values, {})
     for key in ("vocab_size", "num_attention_heads"):
         if getattr(config, key) % len(files):
             raise ConversionError(f"{files[0]}: {key} {getattr(config, key)} does not split over {len(files)} ranks")
@@ -813,10 +813,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "source file")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the weight files DST already holds (refused otherwise)")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[str]:
+    configure_logs(argv)
     args = build_parser().parse_args(argv)
     try:
         return convert(

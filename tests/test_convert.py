@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from paddle_glm.convert import ConversionError, build_parser, main
 from paddle_glm.models.glm import GLMConfig, GLMForConditionalGeneration
-from paddle_glm.releases import glm_tensor_specs
+from paddle_glm.models.glm import glm_tensor_specs
 
 LAYERS, VOCAB, HIDDEN, HEADS, POSITIONS = 2, 64, 32, 4, 32
 SHAPE_FLAGS = ["--num_attention_heads", str(HEADS)]  # THUDM checkpoints show everything else in their tensors

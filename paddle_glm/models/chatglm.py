@@ -49,8 +49,10 @@ from paddlenlp.utils.initializer import normal_, ones_, zeros_
 
 from ..parallel import VocabParallelEmbedding, tensor_parallel_degree
 from .family import Family, History, Template
-from .glm import _default_position_ids
-from .layers import KVCache, StrictLoading, attend, lm_head, loss_positions, mask_bias, parallel_linear
+from .layers import (
+    KVCache, StrictLoading, attend, default_position_ids, lm_head, loss_positions, mask_bias, parallel_linear,
+)
+from .release import THUDM_CHATGLM_MODEL_CODE, THUDM_CHATGLM_TOKENIZER, Derived, Release
 
 __all__ = ["ChatGLMConfig", "ChatGLMModel", "ChatGLMPretrainedModel", "ChatGLMForCausalLM",
            "rotary_inverse_frequencies", "rotary_tables", "apply_rotary", "ChatGLMTokenizer", "load_chatglm_tokenizer",
@@ -323,7 +325,7 @@ class ChatGLMForCausalLM(ChatGLMPretrainedModel):
         batch, length = input_ids.shape
         cache_length = cache[0][0].shape[1] if cache else 0
         if position_ids is None:
-            position_ids = _default_position_ids(batch, length, cache_length)
+            position_ids = default_position_ids(batch, length, cache_length)
         if attention_mask is None:
             attention_mask = paddle.full([batch], cache_length + length, dtype="int64")
         hidden_states, new_cache = self.chatglm(input_ids, position_ids, attention_mask, cache)
@@ -492,10 +494,40 @@ class ChatGLMFamily(Family):
             problems.append(f"--tensor_parallel_degree {degree} does not divide the model's MLP width {inner}")
         return problems
 
+    @property
+    def release(self) -> "ChatGLMRelease":
+        return ChatGLMRelease()
+
     def prepare_export(self, model) -> None:
         for layer in model.sublayers():
             if isinstance(layer, ChatGLMMLP):
                 layer.gelu_as_formula = True  # survives paddle2onnx exactly (see ChatGLMMLP)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# ChatGLM-6B's published checkpoints (paddle_glm.convert)
+# ------------------------------------------------------------------------------------------------------------------
+
+class ChatGLMRelease(Release):
+    """THUDM/chatglm-6b (and -v1.1): 8 fp16 `.bin` shards with an index, `ice_text.model`."""
+
+    model_class = ChatGLMForCausalLM
+    tokenizer_file = "ice_text.model"
+    hf_tokenizer = THUDM_CHATGLM_TOKENIZER
+    hf_constants = {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "auto_map": THUDM_CHATGLM_MODEL_CODE}
+    hf_fields = (  # THUDM's ChatGLMConfig (chatglm-6b's configuration_chatglm.py)
+        "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "layernorm_epsilon", "use_cache",
+        "bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id", "max_sequence_length",
+        "inner_hidden_size", "position_encoding_2d", "quantization_bit", "pre_seq_len", "prefix_projection",
+    )
+
+    def derived(self, config, dtype: str) -> Derived:
+        """Each layer's rotary inverse frequencies (a buffer THUDM's checkpoints keep, computed in half precision,
+        which our model computes the same way) and `lm_head.weight`, tied to the word embeddings (THUDM's loader
+        ties it on load, whatever the file holds)."""
+        frequencies = rotary_inverse_frequencies(config.hidden_size // config.num_attention_heads).numpy().astype(dtype)
+        names = [f"transformer.layers.{i}.attention.rotary_emb.inv_freq" for i in range(config.num_hidden_layers)]
+        return {**dict.fromkeys(names, frequencies), "lm_head.weight": "transformer.word_embeddings.weight"}
 
 
 FAMILY = ChatGLMFamily()

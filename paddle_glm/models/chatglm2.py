@@ -49,6 +49,7 @@ from ..parallel import (
 )
 from .family import Family, History, Template
 from .layers import KVCache, StrictLoading, attend, lm_head, loss_positions, mask_bias, parallel_linear
+from .release import THUDM_CHATGLM_MODEL_CODE, THUDM_CHATGLM_TOKENIZER, Release
 
 __all__ = [
     "ChatGLMv2Config", "ChatGLMv2PretrainedModel", "ChatGLMv2Model", "ChatGLMv2ForCausalLM", "kv_groups_per_rank",
@@ -682,6 +683,10 @@ class ChatGLM2Family(Family):
             problems.append(f"--tensor_parallel_degree {degree} does not divide the model's MLP width {ffn}")
         return problems
 
+    @property
+    def release(self) -> "ChatGLMv2Release":
+        return ChatGLMv2Release()
+
     def prepare_lora(self, lora_model) -> None:
         """K/V columns of a QKV adapter's B that several ranks hold alike get their gradient summed, as the weight's."""
         for layer in lora_model.model.sublayers():
@@ -689,6 +694,36 @@ class ChatGLM2Family(Family):
                 adapter = getattr(layer.query_key_value, "lora_B", None)
                 if adapter is not None:
                     adapter.register_hook(layer.replica_hook)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# ChatGLM2/3's published checkpoints (paddle_glm.convert)
+# ------------------------------------------------------------------------------------------------------------------
+
+class ChatGLMv2Release(Release):
+    """THUDM/chatglm2-6b, chatglm3-6b (and -32k, -base): 7 fp16 shards (`.bin` or safetensors) with an index,
+    `tokenizer.model`."""
+
+    model_class = ChatGLMv2ForCausalLM
+    tokenizer_file = "tokenizer.model"
+    hf_tokenizer = THUDM_CHATGLM_TOKENIZER
+    hf_constants = {
+        "model_type": "chatglm", "architectures": ["ChatGLMModel"],
+        "auto_map": {**THUDM_CHATGLM_MODEL_CODE,
+                     "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+                     "AutoModelForSequenceClassification": "modeling_chatglm.ChatGLMForSequenceClassification"},
+        # Spelled out: THUDM's ChatGLMConfig defaults to multi_query_attention False and transformers' configs to
+        # tie_word_embeddings True; our model is multi-query attention with an untied output layer.
+        "multi_query_attention": True, "tie_word_embeddings": False,
+    }
+    hf_fields = (  # THUDM's ChatGLMConfig (chatglm2-6b's and chatglm3-6b's configuration_chatglm.py)
+        "num_layers", "padded_vocab_size", "hidden_size", "ffn_hidden_size", "kv_channels", "num_attention_heads",
+        "seq_length", "hidden_dropout", "classifier_dropout", "attention_dropout", "layernorm_epsilon", "rmsnorm",
+        "apply_residual_connection_post_layernorm", "post_layer_norm", "add_bias_linear", "add_qkv_bias",
+        "bias_dropout_fusion", "multi_query_group_num", "rope_ratio", "apply_query_key_layer_scaling",
+        "attention_softmax_in_fp32", "fp32_residual_connection", "quantization_bit", "pre_seq_len",
+        "prefix_projection", "original_rope", "eos_token_id", "pad_token_id", "use_cache",
+    )
 
 
 FAMILY = ChatGLM2Family()

@@ -210,6 +210,12 @@ class Family:
             return [f"--tensor_parallel_degree {degree} does not divide the model's vocabulary of {vocab} embeddings"]
         return []
 
+    @property
+    def release(self):
+        """Its published checkpoints' layout (`models.release.Release`), for `paddle_glm.convert`; None: the family
+        converts only between our own layouts."""
+        return None
+
     def prepare_export(self, model) -> None:
         """Adjust a model before tracing (e.g. ops that ONNX converters would change); nothing by default."""
 

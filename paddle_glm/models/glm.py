@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -41,7 +41,10 @@ from paddlenlp.transformers.model_outputs import CausalLMOutputWithCrossAttentio
 
 from ..parallel import VocabParallelEmbedding, tensor_parallel_degree
 from .family import Family, History, Template
-from .layers import KVCache, StrictLoading, attend, lm_head, loss_positions, mask_bias, parallel_linear
+from .layers import (
+    KVCache, StrictLoading, attend, default_position_ids, lm_head, loss_positions, mask_bias, parallel_linear,
+)
+from .release import COLS, QKV, ROWS, SAME, Release, TensorSpec
 
 __all__ = [
     "GLMConfig", "GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration", "GLMSpecialIds", "GLMTemplate",
@@ -253,7 +256,7 @@ class GLMForConditionalGeneration(GLMPretrainedModel):
         batch, length = input_ids.shape
         cache_length = cache[0][0].shape[1] if cache else 0
         if position_ids is None:
-            position_ids = _default_position_ids(batch, length, cache_length)
+            position_ids = default_position_ids(batch, length, cache_length)
         if attention_mask is None:
             attention_mask = paddle.full([batch], cache_length + length, dtype="int64")
         hidden_states, new_cache = self.glm(input_ids, position_ids, attention_mask, cache)
@@ -272,11 +275,6 @@ class GLMForConditionalGeneration(GLMPretrainedModel):
             outputs = (logits, new_cache)
             return ((loss,) + outputs) if loss is not None else outputs
         return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits, past_key_values=new_cache)
-
-
-def _default_position_ids(batch: int, length: int, start: int) -> Tensor:
-    positions = paddle.arange(start, start + length, dtype="int64")
-    return paddle.stack([positions, paddle.zeros_like(positions)]).unsqueeze(0).expand([batch, 2, length])
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -448,10 +446,121 @@ class GLMFamily(Family):
     def template(self, tokenizer) -> GLMTemplate:
         return GLMTemplate(tokenizer)
 
+    @property
+    def release(self) -> "GLMRelease":
+        return GLMRelease()
+
     def prepare_export(self, model) -> None:
         for layer in model.sublayers():
             if isinstance(layer, GLMMLP):
                 layer.gelu_as_formula = True  # survives paddle2onnx exactly (see GLMMLP)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# GLM's published checkpoints (paddle_glm.convert)
+# ------------------------------------------------------------------------------------------------------------------
+
+# GLMModel's tensors by THUDM's name (ours and HF's add `glm.`): (model-parallel split, torch shape with
+# h = hidden, v = vocabulary, p = position rows, and whether torch stores it [out, in] where Paddle has [in, out]).
+GLM_TENSORS: Dict[str, Tuple[str, Tuple[str, ...], bool]] = {
+    "word_embeddings.weight": (ROWS, ("v", "h"), False),
+    "transformer.position_embeddings.weight": (SAME, ("p", "h"), False),
+    "transformer.block_position_embeddings.weight": (SAME, ("p", "h"), False),
+    "transformer.layers.{i}.input_layernorm.weight": (SAME, ("h",), False),
+    "transformer.layers.{i}.input_layernorm.bias": (SAME, ("h",), False),
+    "transformer.layers.{i}.attention.query_key_value.weight": (QKV, ("3h", "h"), True),
+    "transformer.layers.{i}.attention.query_key_value.bias": (QKV, ("3h",), False),
+    "transformer.layers.{i}.attention.dense.weight": (COLS, ("h", "h"), True),
+    "transformer.layers.{i}.attention.dense.bias": (SAME, ("h",), False),
+    "transformer.layers.{i}.post_attention_layernorm.weight": (SAME, ("h",), False),
+    "transformer.layers.{i}.post_attention_layernorm.bias": (SAME, ("h",), False),
+    "transformer.layers.{i}.mlp.dense_h_to_4h.weight": (ROWS, ("4h", "h"), True),
+    "transformer.layers.{i}.mlp.dense_h_to_4h.bias": (ROWS, ("4h",), False),
+    "transformer.layers.{i}.mlp.dense_4h_to_h.weight": (COLS, ("h", "4h"), True),
+    "transformer.layers.{i}.mlp.dense_4h_to_h.bias": (SAME, ("h",), False),
+    "transformer.final_layernorm.weight": (SAME, ("h",), False),
+    "transformer.final_layernorm.bias": (SAME, ("h",), False),
+}
+GLM_PREFIX = "glm."  # ours and the HF release keep GLMModel under GLMForConditionalGeneration.glm
+PRESETS = {name.split("/")[-1]: values for name, values in GLM_PRETRAINED_INIT_CONFIGURATION.items()}
+SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length")
+
+# Fields of the HF release's GLMConfig (its configuration_glm.py) that PaddleNLP's GLMConfig shares.
+GLM_HF_FIELDS = (
+    "num_layers", "vocab_size", "hidden_size", "num_attention_heads", "embedding_dropout_prob",
+    "attention_dropout_prob", "output_dropout_prob", "max_sequence_length", "checkpoint_num_layers",
+    "parallel_output", "relative_encoding", "block_position_encoding", "output_predict", "spell_length",
+    "spell_func", "attention_scale", "initializer_range", "pool_token",
+)
+
+# THUDM's own conversion of glm-10b-chinese into its Hugging Face release copies word embedding rows (source,
+# destination) to match the released tokenizer's ids (scripts/convert_glm_checkpoint_to_transformers.py); the
+# same preset of a THUDM checkpoint gets the same copy, so that it equals the release.
+THUDM_EMBEDDING_COPIES = {"glm-10b-chinese": [(50007, 50009)]}
+
+
+def glm_tensor_specs(config: GLMConfig) -> List[TensorSpec]:
+    """Every tensor of a GLM with this config, in model order, with its whole shape."""
+    h = config.hidden_size
+    positions = config.max_sequence_length + (1 if config.block_position_encoding else 0)
+    sizes = {"h": h, "3h": 3 * h, "4h": 4 * h, "v": config.vocab_size, "p": positions}
+    specs = []
+    for pattern, (split, dims, transposed) in GLM_TENSORS.items():
+        if "block_position" in pattern and not config.block_position_encoding:
+            continue
+        torch_shape = tuple(sizes[d] for d in dims)
+        shape = torch_shape[::-1] if transposed else torch_shape
+        layers = range(config.num_layers) if "{i}" in pattern else [0]
+        specs += [TensorSpec(GLM_PREFIX + pattern.format(i=i), GLM_PREFIX + pattern.format(i=i), shape, transposed,
+                             split) for i in layers]
+    return specs
+
+
+class GLMRelease(Release):
+    """THUDM's GLM (glm-large-chinese, glm-10b-chinese): the Hugging Face release and THUDM's training checkpoints."""
+
+    model_class = GLMForConditionalGeneration
+    tokenizer_file = "cog-pretrain.model"  # GLM's sentencepiece model, as THUDM and PaddleNLP name it
+    hf_constants = {
+        "architectures": ["GLMForConditionalGeneration"], "model_type": "glm",
+        # The release's model classes live in its own code files (trust_remote_code), which we do not ship.
+        "auto_map": {
+            "AutoConfig": "configuration_glm.GLMConfig",
+            "AutoModel": "modeling_glm.GLMModel",
+            "AutoModelForSeq2SeqLM": "modeling_glm.GLMForConditionalGeneration",
+            "AutoModelForMultipleChoice": "modeling_glm.GLMForMultipleChoice",
+        },
+        "max_memory_length": 0, "checkpoint_activations": False,
+    }
+    hf_fields = GLM_HF_FIELDS
+
+    def config_from_hf(self, hf: Dict[str, Any], overrides: Dict[str, Any]) -> GLMConfig:
+        values = {key: hf[key] for key in GLM_HF_FIELDS + ("layernorm_epsilon",) if key in hf}
+        values.setdefault("num_layers", hf.get("num_hidden_layers"))
+        return self.config_from_ours(values, overrides)
+
+    def config_from_ours(self, values: Dict[str, Any], overrides: Dict[str, Any]) -> GLMConfig:
+        """PaddleNLP's GLMConfig, refusing what our model does not implement; what the values lack, the flags or
+        a preset must give (THUDM training checkpoints carry no config)."""
+        bookkeeping = ("architectures", "dtype", "torch_dtype", "tensor_parallel_degree", "tensor_parallel_rank")
+        values = {k: v for k, v in {**values, **overrides}.items() if k not in bookkeeping}
+        missing = [name for name in SHAPE_FLAGS if values.get(name) is None]
+        if missing:
+            flags = " ".join(f"--{name}" for name in missing)
+            raise ValueError(f"the checkpoint does not tell {', '.join(missing)}: give {flags} or --preset "
+                             f"({', '.join(PRESETS)})")
+        if values["hidden_size"] % values["num_attention_heads"]:
+            raise ValueError(f"hidden_size {values['hidden_size']} is no multiple of num_attention_heads "
+                             f"{values['num_attention_heads']}")
+        if values.get("relative_encoding") or float(values.get("attention_scale", 1.0)) != 1.0:
+            raise ValueError("relative_encoding and attention_scale != 1 are not implemented by our GLM")
+        values["output_predict"] = True  # the tied language-model head
+        config = GLMConfig(**values)
+        config.architectures = [self.model_class.__name__]
+        return config
+
+    def specs(self, config: GLMConfig) -> List[TensorSpec]:
+        return glm_tensor_specs(config)
 
 
 FAMILY = GLMFamily()

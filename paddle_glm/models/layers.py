@@ -30,7 +30,7 @@ from ..parallel import (
 )
 
 __all__ = [
-    "KVCache", "MASKED", "sep_to_dense_mask", "mask_bias", "parallel_linear", "attend", "lm_head", "lm_loss",
+    "KVCache", "MASKED", "default_position_ids", "sep_to_dense_mask", "mask_bias", "parallel_linear", "attend", "lm_head", "lm_loss",
     "masked_mean", "loss_positions", "StrictLoading",
 ]
 
@@ -111,6 +111,12 @@ def attend(query: Tensor, key: Tensor, value: Tensor, bias: Tensor, dropout: Opt
 def _repeat_groups(tensor: Tensor, repeats: int) -> Tensor:
     """[B, k, groups, hd] -> [B, k, groups * repeats, hd], group g at heads g * repeats ... (g + 1) * repeats - 1."""
     return tensor.unsqueeze(3).expand([-1, -1, -1, repeats, -1]).flatten(2, 3)
+
+
+def default_position_ids(batch: int, length: int, start: int) -> Tensor:
+    """2-D positions [B, 2, S] of a text without blanks: start..start+S-1 and block positions 0 (GLM, ChatGLM-6B)."""
+    positions = paddle.arange(start, start + length, dtype="int64")
+    return paddle.stack([positions, paddle.zeros_like(positions)]).unsqueeze(0).expand([batch, 2, length])
 
 
 def lm_head(model, hidden_states: Tensor, weight: Tensor, labels: Optional[Tensor], loss_mask: Optional[Tensor],
