@@ -6,6 +6,9 @@ such as the model-parallel groups [0, 1] and [2, 3] of tp 2 x dp 2, read each ot
 `fleet.init` dies with "Connection refused" or a gloo TIMEOUT. Here every gloo sub-group meets in a
 TCPStore of its own, hosted by its first rank at an address it publishes in the job's store under the
 group's unique name. The job-wide group and other backends are left as they are.
+
+The host is the group's lowest global rank (groups list their ranks sorted), like rank 0 for the job's
+store: `exit_order` relies on it to let every host exit before its clients.
 """
 from __future__ import annotations
 
