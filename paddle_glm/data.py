@@ -18,8 +18,8 @@ from .logs import logger
 from .args import InputError
 
 __all__ = [
-    "DataError", "read_json_lines", "write_json_lines", "text_field", "TextPair", "GLMDataset", "tokenize_pairs",
-    "read_pairs", "summarize_skipped", "MAX_LINE_BYTES", "Sample",
+    "DataError", "read_json_lines", "read_text_lines", "write_json_lines", "text_field", "TextPair", "GLMDataset",
+    "tokenize_pairs", "read_pairs", "summarize_skipped", "MAX_LINE_BYTES", "Sample",
 ]
 
 class Sample(NamedTuple):
@@ -51,6 +51,16 @@ def read_json_lines(path: str, on_error: Optional[LineError] = None) -> Iterator
     DataError naming `path:line`; with `on_error`, it goes to `on_error(line_number, error)` instead and
     reading goes on. A missing file, a UTF-16 file or a file without records always raises.
     """
+    return _read_lines(path, _parse_line, on_error)
+
+
+def read_text_lines(path: str, on_error: Optional[LineError] = None) -> Iterator[Tuple[str, str]]:
+    """Yields (`path:line`, text without its line break) for every non-blank line of a UTF-8 text file (one
+    document a line, as pre-training corpora come), with `read_json_lines`'s errors and `on_error`."""
+    return _read_lines(path, _text_line, on_error)
+
+
+def _read_lines(path: str, parse: Callable[[Optional[bytes], str], object], on_error: Optional[LineError]):
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such data file")
     found = errors = 0
@@ -62,7 +72,7 @@ def read_json_lines(path: str, on_error: Optional[LineError] = None) -> Iterator
         for number, raw in _numbered_lines(handle):
             where = f"{path}:{number}"
             try:
-                record = _parse_line(raw, where)
+                record = parse(raw, where)
             except DataError as error:
                 if on_error is None:
                     raise
@@ -92,17 +102,27 @@ def _numbered_lines(handle) -> Iterator[Tuple[int, Optional[bytes]]]:
             yield number, raw
 
 
-def _parse_line(raw: Optional[bytes], where: str) -> Optional[dict]:
-    """The line's JSON object, or None for a blank line."""
+def _decode_line(raw: Optional[bytes], where: str) -> str:
     if raw is None:
         limit = f"{MAX_LINE_BYTES >> 20} MiB" if MAX_LINE_BYTES >= 1 << 20 else f"{MAX_LINE_BYTES} bytes"
         raise DataError(f"{where}: line longer than {limit}, not read "
                         "(expected JSON lines: one example per line)")
     try:
-        line = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise DataError(
             f"{where}: not UTF-8 text ({error.reason} at byte {error.start}): save the file as UTF-8") from None
+
+
+def _text_line(raw: Optional[bytes], where: str) -> Optional[str]:
+    """The line without its line break, or None for a blank line."""
+    line = _decode_line(raw, where).rstrip("\r\n")
+    return line if line.strip() else None
+
+
+def _parse_line(raw: Optional[bytes], where: str) -> Optional[dict]:
+    """The line's JSON object, or None for a blank line."""
+    line = _decode_line(raw, where)
     if not line.strip():
         return None
     try:

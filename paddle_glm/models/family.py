@@ -163,6 +163,8 @@ class Family:
     tokenizer_classes: Tuple[str, ...] = ()  # tokenizer_config.json's tokenizer_class of this family's tokenizers
     lora_targets: Tuple[str, ...] = (".*query_key_value.*",)
     position_rows: int = 1
+    # How `pretrain.py` trains it (`paddle_glm.blocklm`): "causal_lm" over packed text, or GLM's "blank_infilling".
+    pretraining_objective: str = "causal_lm"
 
     @property
     def model_class(self):

@@ -435,6 +435,7 @@ class GLMFamily(Family):
     name_patterns = ("glm",)
     tokenizer_classes = ("GLMChineseTokenizer", "GLMGPT2Tokenizer", "GLMBertTokenizer")
     position_rows = 2
+    pretraining_objective = "blank_infilling"
 
     @property
     def model_class(self):
