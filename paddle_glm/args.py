@@ -19,7 +19,7 @@ __all__ = [
 ]
 
 # Extra spellings accepted on the command line (and in JSON argument files): alias -> flag.
-FLAG_ALIASES = {"--r": "--lora_rank"}
+FLAG_ALIASES = {"--r": "--lora_rank", "--ptuning": "--prefix_tuning"}
 
 
 VERBOSE_HELP = "Show every log line of PaddleNLP and Paddle (default: progress, metrics, output paths, warnings)."
@@ -108,6 +108,24 @@ class ModelArguments:
         default=False,
         metadata={"help": "With --lora: also write the base model with the adapter merged to OUTPUT_DIR/merged."},
     )
+    prefix_tuning: bool = field(
+        default=False,
+        metadata={"help": "P-Tuning v2 (also --ptuning): train a prefix of keys and values in every layer (the cache "
+                          "every prompt starts from) instead of the weights, which stay frozen; the prefix is saved "
+                          "alone (prefix_config.json + prefix_model_state.pdparams)."},
+    )
+    pre_seq_len: int = field(default=128, metadata={"help": "Prefix tokens (keys and values per layer)."})
+    prefix_projection: bool = field(
+        default=False,
+        metadata={"help": "Reparameterise the prefix through a two-layer MLP (embedding -> linear -> tanh -> linear)."},
+    )
+    prefix_hidden_size: Optional[int] = field(
+        default=None, metadata={"help": "Hidden width of --prefix_projection's MLP (default: the model's hidden size)."}
+    )
+    prefix_dropout: float = field(default=0.0, metadata={"help": "Dropout on the prefix keys and values in training."})
+    prefix_path: Optional[str] = field(
+        default=None, metadata={"help": "Continue training (or evaluate) an existing prefix directory."}
+    )
     merge_tensor_parallel: bool = field(
         default=False,
         metadata={"help": "With --tensor_parallel_degree > 1: write the final model (or adapter, and OUTPUT_DIR/merged) "
@@ -139,6 +157,19 @@ class ModelArguments:
         if self.lora_path and not self.lora:
             problems.append(f"--lora_path {self.lora_path} needs --lora "
                             "(add --lora true to train or evaluate the adapter)")
+        if self.lora and self.prefix_tuning:
+            problems.append("--lora and --prefix_tuning: choose one way of training")
+        if self.pre_seq_len < 1:
+            problems.append(f"--pre_seq_len {self.pre_seq_len}: must be at least 1")
+        if self.prefix_hidden_size is not None and self.prefix_hidden_size < 1:
+            problems.append(f"--prefix_hidden_size {self.prefix_hidden_size}: must be at least 1")
+        if not 0.0 <= self.prefix_dropout < 1.0:
+            problems.append(f"--prefix_dropout {self.prefix_dropout}: must be in [0, 1)")
+        if self.prefix_hidden_size is not None and not self.prefix_projection:
+            problems.append("--prefix_hidden_size sizes --prefix_projection's MLP: add --prefix_projection")
+        for name in ("prefix_projection", "prefix_path"):
+            if getattr(self, name) not in (None, False) and not self.prefix_tuning:
+                problems.append(f"--{name} needs --prefix_tuning (or --ptuning)")
         check(problems)
 
 
@@ -146,7 +177,7 @@ class ModelArguments:
 class DataArguments:
     task_name: str = field(
         default="dureader_qg",
-        metadata={"help": "Task module of tasks/: dureader_qg, belle or jsonl; or a BELLE set of PaddleNLP's "
+        metadata={"help": "Task module of tasks/: dureader_qg, belle, adgen or jsonl; or a BELLE set of PaddleNLP's "
                           "'bellegroup' data set by name (school_math_0.25M, generated_chat_0.4M, train_2M_CN, "
                           "multiturn_chat_0.8M, ...: the belle task, downloaded unless --train_file/--dev_file are given)."},
     )

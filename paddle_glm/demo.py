@@ -30,7 +30,7 @@ DEMO_MODEL_CONFIG = dict(
     block_position_encoding=True, output_predict=True, parallel_output=False, initializer_range=0.02,
 )
 DEMO_VOCAB_SIZE = 1500
-DEMO_SPLIT_SIZES = {"qg": (3000, 120), "belle": (3000, 120)}
+DEMO_SPLIT_SIZES = {"qg": (3000, 120), "belle": (3000, 120), "adgen": (3000, 120)}
 
 
 def prepare_demo(model_dir: str, train_file: str, dev_file: str, kind: str = "qg", seed: int = 0) -> None:

@@ -1,8 +1,10 @@
-"""Small, learnable demo data sets, generated offline: DuReaderQG question generation and BELLE instructions.
+"""Small, learnable demo data sets, generated offline: DuReaderQG question generation, BELLE instructions and
+ADGEN advertisement texts.
 
 Every target is a deterministic function of what the model sees: a question is fixed by the
 template and the answer's slot and copies entity names from the context; a BELLE output copies,
-reverses, repeats or adds what the instruction holds. A tiny GLM trained from scratch can learn
+reverses, repeats or adds what the instruction holds; an ADGEN description is one phrase per attribute of
+the `key#value*key#value` list, in its order, copying the values. A tiny GLM trained from scratch can learn
 these mappings in CPU minutes, and the dev set (other seed, other entity combinations) measures
 whether it learnt to copy rather than to remember.
 """
@@ -15,7 +17,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Tuple
 
 from .data import write_json_lines
 
-__all__ = ["qg_records", "belle_records", "write_demo_splits", "demo_texts", "CITIES"]
+__all__ = ["qg_records", "belle_records", "adgen_records", "write_demo_splits", "demo_texts", "CITIES"]
 
 # ---------------------------------------------------------------------------------------------
 # Entity tables
@@ -295,14 +297,50 @@ def belle_records(count: int, seed: int) -> List[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# ADGEN: clothing attributes -> an advertisement text
+# ---------------------------------------------------------------------------------------------
+
+# (attribute, its values, the phrase it contributes), in the order a content line lists them. ADGEN's own keys
+# (类型, 版型, 风格, 图案, 材质, 颜色, 衣样式, 衣袖长); the values and phrases are made up here.
+ADGEN_ATTRIBUTES = [
+    ("版型", ["宽松", "修身", "直筒", "阔腿", "A字", "收腰"], "{}的版型穿起来很显瘦"),
+    ("材质", ["纯棉", "牛仔布", "针织", "雪纺", "羊毛", "真丝"], "采用{}面料，触感柔软"),
+    ("颜色", ["白色", "黑色", "蓝色", "红色", "卡其色", "粉色"], "{}的配色干净大方"),
+    ("风格", ["休闲", "通勤", "复古", "简约", "甜美", "街头"], "整体透出{}风格"),
+    ("图案", ["条纹", "格子", "纯色", "印花", "刺绣", "碎花"], "{}图案增添了细节"),
+    ("衣袖长", ["短袖", "长袖", "七分袖", "无袖"], "{}的设计清爽利落"),
+]
+ADGEN_TYPES = ["上衣", "衬衫", "卫衣", "外套", "连衣裙", "半身裙", "牛仔裤", "阔腿裤", "毛衣", "风衣"]
+
+
+def _adgen_record(rng: random.Random) -> dict:
+    """类型 and two to four other attributes, in table order; the summary opens with the type and gives one phrase
+    per attribute."""
+    kind = rng.choice(ADGEN_TYPES)
+    chosen = sorted(rng.sample(range(len(ADGEN_ATTRIBUTES)), rng.randint(2, 4)))
+    pairs = [("类型", kind)] + [(ADGEN_ATTRIBUTES[i][0], rng.choice(ADGEN_ATTRIBUTES[i][1])) for i in chosen]
+    phrases = [ADGEN_ATTRIBUTES[i][2].format(value) for i, (_, value) in zip(chosen, pairs[1:])]
+    return {"content": "*".join(f"{key}#{value}" for key, value in pairs),
+            "summary": f"这款{kind}，" + "，".join(phrases) + "。"}
+
+
+def adgen_records(count: int, seed: int) -> List[dict]:
+    """`count` ADGEN records `{"content", "summary"}` (ChatGLM-6B's ptuning example's fields), reproducible from
+    `seed`."""
+    rng = random.Random(seed)
+    return [_adgen_record(rng) for _ in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
 
-GENERATORS: Dict[str, Callable[[int, int], List[dict]]] = {"qg": qg_records, "belle": belle_records}
+GENERATORS: Dict[str, Callable[[int, int], List[dict]]] = {"qg": qg_records, "belle": belle_records,
+                                                           "adgen": adgen_records}
 
 
 def write_demo_splits(directory: str, kind: str, train: int, dev: int, seed: int = 0) -> Dict[str, str]:
-    """Write `train.json` and `dev.json` of `kind` ("qg" or "belle") into `directory`; returns their paths.
+    """Write `train.json` and `dev.json` of `kind` ("qg", "belle" or "adgen") into `directory`; returns their paths.
 
     The splits use different seeds (2*seed and 2*seed+1): same templates, mostly different entities.
     """

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from argparse import RawDescriptionHelpFormatter
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import paddle
@@ -153,14 +153,7 @@ def _length(encoded: Tuple[List[int], List[List[int]]], template: Template) -> i
 
 
 def model_arguments(args: EvaluateArguments) -> PredictArguments:
-    """What prediction's `load_model` needs; a prefix (P-Tuning v2) goes the way prediction loads one, and is refused
-    until prediction can (its `--prefix_path`)."""
-    if not args.prefix_path:
-        return PredictArguments(model_name_or_path=args.model_name_or_path, lora_path=args.lora_path)
-    if "prefix_path" not in {f.name for f in fields(PredictArguments)}:
-        raise InputError(f"--prefix_path {args.prefix_path}: prefix tuning (P-Tuning v2) is not part of this version "
-                         "of paddle_glm yet (prediction loads no prefixes); evaluate the base model or a LoRA adapter "
-                         "(--lora_path)")
+    """What prediction's `load_model` needs: a LoRA adapter and a prefix (P-Tuning v2) load as prediction loads them."""
     return PredictArguments(model_name_or_path=args.model_name_or_path, lora_path=args.lora_path,
                             prefix_path=args.prefix_path)
 

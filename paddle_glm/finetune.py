@@ -1,7 +1,7 @@
 """The fine-tuning recipe behind `finetune_generation.py` and `finetune_instruction_generation.py`.
 
-Reads top to bottom: arguments -> task -> data -> model (+ LoRA) -> trainer -> train / evaluate /
-predict -> checkpoint (+ merged LoRA). Run with no arguments it uses the bundled demo arguments.
+Reads top to bottom: arguments -> task -> data -> model (+ LoRA or a P-Tuning v2 prefix) -> trainer -> train /
+evaluate / predict -> checkpoint (+ merged LoRA). Run with no arguments it uses the bundled demo arguments.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from .inputs import Collator
 from .logs import configure as configure_logs, logger
 from .lora import add_lora, merged_model
 from .models import family_of
+from .prefix import add_prefix
 from .named_data import load_named_pairs, named_data_set
 from .trainer import GLMTrainer
 
@@ -64,13 +65,13 @@ def main(argv: Optional[List[str]] = None, demo: str = "finetune_argument.json",
     task = get_task(data_args.task_name)
     if model_args.prepare_demo:
         prepare_demo(model_args.model_name_or_path, data_args.train_file, data_args.dev_file,
-                     kind="belle" if task.NAME == "belle" else "qg", seed=training_args.seed)
+                     kind=task.NAME if task.NAME in ("belle", "adgen") else "qg", seed=training_args.seed)
 
     family = family_of(model_args.model_name_or_path)
     tokenizer = family.load_tokenizer(model_args.model_name_or_path)
     template = family.template(tokenizer)
     check_against_model(family, family.config_class.from_pretrained(model_args.model_name_or_path), tokenizer,
-                        data_args, gen_args, training_args)
+                        data_args, gen_args, training_args, model_args)
     model = family.model_class.from_pretrained(
         model_args.model_name_or_path,
         tensor_parallel_degree=training_args.tensor_parallel_degree,
@@ -79,6 +80,9 @@ def main(argv: Optional[List[str]] = None, demo: str = "finetune_argument.json",
     )
     if model_args.lora:
         model = add_lora(model, model_args)
+    elif model_args.prefix_tuning:
+        paddle.seed(training_args.seed)  # a new prefix starts from --seed (the Trainer seeds only once it is built)
+        model = add_prefix(model, model_args)
 
     datasets = load_datasets(task, data_args, template, training_args)
     trainer = GLMTrainer(
@@ -103,9 +107,12 @@ def check_precision(training_args: TrainingArguments) -> None:
                "given): drop --fp16, training then runs in float32"])
 
 
-def check_against_model(family, config, tokenizer, data_args, gen_args, training_args) -> None:
+def check_against_model(family, config, tokenizer, data_args, gen_args, training_args, model_args=None) -> None:
     """Refuse flag values the model (its family and `config`) cannot serve, before any work starts."""
     problems = []
+    if model_args is not None and model_args.prefix_tuning and training_args.recompute:
+        problems.append("--recompute with --prefix_tuning: recomputed layers run without their cache, so they would "
+                        "drop the prefix; train the prefix without --recompute")
     if len(tokenizer) > config.vocab_size:
         problems.append(f"the tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size} embeddings")
     positions = family.max_positions(config)
@@ -168,7 +175,8 @@ def run(trainer: GLMTrainer, model_args: ModelArguments, datasets: dict, trainin
             checkpoint = get_last_checkpoint(training_args.output_dir)
         result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model(merge_tensor_parallel=model_args.merge_tensor_parallel)
-        logger.info(f"{'LoRA adapter' if model_args.lora else 'model'} written to {training_args.output_dir}")
+        saved = "LoRA adapter" if model_args.lora else "prefix" if model_args.prefix_tuning else "model"
+        logger.info(f"{saved} written to {training_args.output_dir}")
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()

@@ -3,6 +3,7 @@
     python predict_generation.py                                     # the fine-tuning demo's checkpoint
     python predict_generation.py --model_name_or_path DIR --text "答案：...，上下文：..." --num_beams 5
     python predict_generation.py --input_file in.json --output_file out.json --lora_path ADAPTER
+    python predict_generation.py --model_name_or_path BASE --prefix_path PREFIX --text "类型#上衣*版型#宽松"
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .generation import generate
 from .demo import held_out_pairs
 from .lora import load_with_adapter
 from .models import family_of, load_tokenizer
+from .prefix import PrefixModel, load_prefix
 
 __all__ = ["PredictArguments", "main"]
 
@@ -35,6 +37,9 @@ class PredictArguments:
         metadata={"help": "Checkpoint directory (any family: GLM, ChatGLM-6B, ChatGLM2/3) or a PaddleNLP model name."}
     )
     lora_path: Optional[str] = field(default=None, metadata={"help": "A LoRA adapter directory to apply."})
+    prefix_path: Optional[str] = field(
+        default=None, metadata={"help": "A P-Tuning v2 prefix directory (fine-tuning with --prefix_tuning writes one)."}
+    )
     merge_tensor_parallel_path: Optional[str] = field(
         default=None,
         metadata={"help": "Also write the model (LoRA merged in, tensor-parallel shards merged) to this directory."},
@@ -78,9 +83,12 @@ def init_tensor_parallel() -> Tuple[int, int]:
 
 
 def load_model(args: PredictArguments, degree: int = 1, rank: int = 0) -> paddle.nn.Layer:
-    """The model (this rank's shard under tensor parallelism), with a LoRA adapter folded in when given."""
+    """The model (this rank's shard under tensor parallelism), with a LoRA adapter folded in when given, behind a
+    prefix when given."""
     model = load_with_adapter(args.model_name_or_path, args.lora_path, tensor_parallel_degree=degree,
                               tensor_parallel_rank=rank)
+    if args.prefix_path:
+        model = load_prefix(model, args.prefix_path)
     model.eval()
     if args.merge_tensor_parallel_path:
         save_merged(model, args, degree, rank)
@@ -88,8 +96,11 @@ def load_model(args: PredictArguments, degree: int = 1, rank: int = 0) -> paddle
 
 
 def save_merged(model: paddle.nn.Layer, args: PredictArguments, degree: int, rank: int) -> None:
-    """One whole checkpoint in `--merge_tensor_parallel_path`, the shards gathered to rank 0."""
+    """One whole checkpoint in `--merge_tensor_parallel_path`, the shards gathered to rank 0 (the base model: a prefix
+    stays where it is, whole)."""
     target = args.merge_tensor_parallel_path
+    if isinstance(model, PrefixModel):
+        model = model.model
     model.save_pretrained(target, merge_tensor_parallel=degree > 1, is_main_process=rank == 0)
     if rank == 0:
         load_tokenizer(args.model_name_or_path).save_pretrained(target)

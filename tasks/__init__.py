@@ -12,9 +12,9 @@ from types import ModuleType
 from paddle_glm.args import InputError
 from paddle_glm.named_data import BELLE_SETS
 
-from . import belle, dureader_qg, jsonl
+from . import adgen, belle, dureader_qg, jsonl
 
-TASKS = {module.NAME: module for module in (dureader_qg, belle, jsonl)}
+TASKS = {module.NAME: module for module in (dureader_qg, belle, jsonl, adgen)}
 
 
 def get_task(name: str) -> ModuleType:

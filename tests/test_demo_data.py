@@ -139,7 +139,7 @@ def test_write_json_lines_keeps_the_old_file_when_writing_fails(tmp_path):
     assert os.listdir(tmp_path) == ["data.json"]
 
 
-@pytest.mark.parametrize("kind", ["qg", "belle"])
+@pytest.mark.parametrize("kind", ["qg", "belle", "adgen"])
 def test_write_demo_splits_writes_the_requested_counts(tmp_path, kind):
     paths = write_demo_splits(str(tmp_path / kind), kind, train=30, dev=7, seed=2)
     assert set(paths) == {"train", "dev"}

@@ -334,15 +334,6 @@ def test_tensor_parallel_two_ranks_score_as_one(taught, tmp_path):
     assert difference <= 1e-5
 
 
-def test_prefix_path_refused_until_prediction_loads_prefixes(tmp_path, mmlu_dir):
-    from paddle_glm.predict import PredictArguments
-
-    if hasattr(PredictArguments, "prefix_path"):
-        pytest.skip("prediction loads prefixes: evaluation passes --prefix_path on")
-    with pytest.raises(ValueError, match="--prefix_path .*not part of this version"):
-        main(["--data_dir", mmlu_dir, "--model_name_or_path", str(tmp_path), "--prefix_path", str(tmp_path)])
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # Bad data: file and line
 # ------------------------------------------------------------------------------------------------------------------
