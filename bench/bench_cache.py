@@ -8,6 +8,7 @@ layers configurable so it runs on a laptop CPU in minutes.
 
     python bench/bench_cache.py                # 4 layers, prompt 128, 32 new tokens
     python bench/bench_cache.py --quick        # 2 layers, prompt 64, 16 new tokens (the README demo)
+    python bench/bench_cache.py --smoke        # 1 layer, prompt 16, 4 new tokens: seconds
 """
 from __future__ import annotations
 
@@ -36,9 +37,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=1, help="prompts decoded together")
     parser.add_argument("--num_beams", type=int, default=1, help="1 = greedy search, >1 = beam search")
     parser.add_argument("--quick", action="store_true", help="2 layers, prompt 64, 16 new tokens")
+    parser.add_argument("--smoke", action="store_true", help="1 layer, prompt 16, 4 new tokens: seconds (a test "
+                                                             "runs it)")
     args = parser.parse_args()
     if args.quick:
         args.layers, args.prompt_length, args.new_tokens = 2, 64, 16
+    if args.smoke:
+        args.layers, args.prompt_length, args.new_tokens = 1, 16, 4
     return args
 
 

@@ -19,6 +19,7 @@ executed FLOPs are printed too. Before timing, both paths' losses on the first b
 
     python bench/bench_train.py                              # large (2 layers) + tiny, reference + short mixes
     python bench/bench_train.py --models large --mixes reference --layers 4 --steps 6
+    python bench/bench_train.py --smoke                      # seconds: the tiny model, one step
 """
 from __future__ import annotations
 
@@ -93,8 +94,12 @@ def parse_args() -> argparse.Namespace:
                         help="Paddle CPU math threads (paddle.base.core.set_num_threads); 0 keeps Paddle's default "
                              "(FLAGS_paddle_num_threads, 1), which is what the fine-tuning scripts run with")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and data")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the tiny model, short-fit data, batch 2, 1 round of 1 step: seconds (a test runs it)")
     args = parser.parse_args()
     args.models, args.mixes = args.models.split(","), args.mixes.split(",")
+    if args.smoke:
+        args.models, args.mixes, args.batch_size, args.steps, args.repeats = ["tiny"], ["short-fit"], 2, 1, 1
     for name in args.models:
         if name not in MODELS:
             parser.error(f"--models: unknown {name!r}; choose from {', '.join(MODELS)}")

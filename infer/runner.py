@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import numpy as np
+
 from paddle_glm.args import InputError, check, default_device, exit_on_bad_input
 from paddle_glm.batch_predict import check_lengths, parse_with_io, predict_records, read_inputs, write_outputs
 from paddle_glm.decoding import DecodingConfig, GenerationResult, generate
@@ -18,7 +20,7 @@ from paddle_glm.demo import held_out_pairs
 from paddle_glm.inputs import Example, generation_batch
 from paddle_glm.logs import configure as configure_logs
 
-from export.exporter import CONFIG_NAME, EXPORT_FORMAT_VERSION
+from export.exporter import CONFIG_NAME, EXPORT_FORMAT_VERSION, PREFIX_FILE
 
 from .engines import BACKENDS, create_engine
 from .stepper import ExportedStepper
@@ -50,9 +52,10 @@ class GLMRunner:
                  cpu_threads: Optional[int] = None):
         self.export_dir = export_dir
         self.config = read_export_config(export_dir)
-        graphs = self.config["graphs"]
-        check_graph_files(export_dir, graphs, backend)
-        self.engine = create_engine(backend, export_dir, graphs, device, cpu_threads)
+        check_graph_files(export_dir, self.config, backend, device)
+        self.engine = create_engine(backend, export_dir, self.config["graph"], self.config["dtype"], device,
+                                    cpu_threads)
+        self.prefix = np.load(os.path.join(export_dir, PREFIX_FILE)) if self.config["prefix_tokens"] else None
 
     def template(self):
         """The exported family's template over the tokenizer saved with the export."""
@@ -61,9 +64,20 @@ class GLMRunner:
         family = FAMILIES[self.config["family"]]
         return family.template(family.load_tokenizer(self.export_dir))
 
-    def generate(self, prompts: List[Example], decoding: DecodingConfig) -> GenerationResult:
+    def stepper(self, prompts: List[Example], decoding: DecodingConfig) -> ExportedStepper:
+        """A stepper over a batch of prompts with room for `decoding.max_length` new tokens per row."""
         batch = generation_batch(prompts, decoding.pad_token_id)
-        return generate(ExportedStepper(self.engine, batch), len(prompts), decoding)
+        return ExportedStepper(self.engine, batch, self.config, decoding.max_length, self.prefix)
+
+    def generate(self, prompts: List[Example], decoding: DecodingConfig) -> GenerationResult:
+        return generate(self.stepper(prompts, decoding), len(prompts), decoding)
+
+    def prompt_logits(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Last-position logits [B, V] of a prompt pass: ids [B, S], positions as the model takes them ([B, 2, S] or
+        [B, S]), mask [B, 1, S, S] over the prompt (a prefix is added as the runner always adds it)."""
+        stepper = ExportedStepper(self.engine, {}, self.config, 1, self.prefix)
+        positions = position_ids if position_ids.ndim == 3 else position_ids[:, None]
+        return stepper.run_prompt(input_ids, positions, attention_mask)[0]
 
 
 def export_directory(model_path: str, model_prefix: Optional[str] = None) -> str:
@@ -92,10 +106,25 @@ def read_export_config(export_dir: str) -> dict:
     return config
 
 
-def check_graph_files(export_dir: str, graphs: dict, backend: str) -> None:
-    """Raise FileNotFoundError naming every file of the export that the backend needs and that is missing."""
+def check_graph_files(export_dir: str, config: dict, backend: str, device: str = "cpu") -> None:
+    """Raise naming what keeps `backend` from serving the export: a quantization it cannot run, or every missing
+    file it needs."""
+    quant = config.get("quant")
+    if quant and backend == "paddle" and not config["paddle_graph"]:
+        raise InputError(f"{export_dir} is a {quant} export without a Paddle graph: Paddle Inference runs "
+                         "weight-only int8/int4 (weight_only_linear) on GPU only, so a CPU build of Paddle exports "
+                         "step.onnx alone; serve it with --backend onnxruntime, or export on a CUDA build for "
+                         "--backend paddle --device gpu")
+    if quant and backend == "paddle" and device != "gpu":
+        raise InputError(f"{export_dir} is a {quant} export: Paddle Inference runs weight_only_linear on GPU only; "
+                         "serve it with --device gpu, or with --backend onnxruntime on CPU")
+    if quant and backend == "fastdeploy":
+        raise InputError(f"{export_dir} is a {quant} export: FastDeploy 1.0.7 bundles ONNX Runtime 1.12, which "
+                         "predates MatMulNBits (1.17); serve it with --backend onnxruntime")
     suffixes = (".json", ".pdiparams") if backend == "paddle" else (".onnx",)
-    needed = [stem + suffix for stem in graphs.values() for suffix in suffixes] + ["tokenizer_config.json"]
+    needed = [config["graph"] + suffix for suffix in suffixes] + ["tokenizer_config.json"]
+    if config.get("prefix_tokens"):
+        needed.append(PREFIX_FILE)
     missing = [os.path.join(export_dir, name) for name in needed if not os.path.isfile(os.path.join(export_dir, name))]
     if missing:
         fix = "export the model again"

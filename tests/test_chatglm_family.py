@@ -372,7 +372,7 @@ def test_export_config_names_the_family_and_its_special_ids(chatglm_export):
 def test_runner_gives_the_dynamic_graph_tokens(chatglm_export, backend):
     runner = GLMRunner(chatglm_export["dir"], backend=backend, device="cpu", cpu_threads=1)
     # tanh-GELU spelt out for the export: paddle2onnx would make it exact GELU (~1e-3 off)
-    assert np.abs(runner.engine.run("prefill", chatglm_export["feeds"])[0] - chatglm_export["logits"]).max() <= 1e-4
+    assert np.abs(runner.prompt_logits(**chatglm_export["feeds"]) - chatglm_export["logits"]).max() <= 1e-4
     for name, config in chatglm_export["configs"].items():
         assert runner.generate(chatglm_export["prompts"], config).sequences == chatglm_export["dygraph"][name], name
     assert len({tuple(s) for s in chatglm_export["dygraph"]["greedy"]}) == len(chatglm_export["prompts"])

@@ -45,7 +45,7 @@ def test_fastdeploy_runner_equals_paddle_inference(exported):
     runner = GLMRunner(exported["dir"], backend="paddle")
     feeds = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
              "attention_mask": prefill_attention_mask(batch["key_mask"], batch["sep"])}
-    paddle_logits, _ = runner.engine.run("prefill", feeds)
+    paddle_logits = runner.prompt_logits(**feeds)
     assert np.abs(np.array(answer["prefill_logits"]) - paddle_logits).max() <= 1e-4
     for name, settings in configs.items():
         assert answer["sequences"][name] == runner.generate(prompts, DecodingConfig(**settings)).sequences

@@ -6,13 +6,13 @@ import os
 
 import numpy as np
 import pytest
+from paddlenlp.peft import LoRAModel
 
 from export.exporter import main as export_main
 from infer.runner import GLMRunner, main as infer_main
 from paddle_glm.decoding import DecodingConfig
 from paddle_glm.generation import generate
-from paddle_glm.lora import load_with_adapter
-from paddle_glm.models import load_template
+from paddle_glm.models import load_model, load_template
 
 TEXTS = ["答案：巴黎，上下文：巴黎是法国的首都，位于欧洲，人口约210万。", "答案：长江", "答案：1998年，上下文：云海公司于1998年推出了手表。",
          "上下文：从南京到武汉约500公里"]
@@ -24,15 +24,24 @@ def _prompts(template, texts=TEXTS, src_length=64):
 
 def test_export_writes_graphs_tokenizer_and_config(exported):
     files = set(os.listdir(exported["dir"]))
-    assert {"prefill.json", "prefill.pdiparams", "decode.json", "decode.pdiparams", "export_config.json"} <= files
+    assert {"step.json", "step.pdiparams", "step.onnx", "export_config.json"} <= files
     assert "tokenizer_config.json" in files
     config = json.load(open(os.path.join(exported["dir"], "export_config.json")))
     template = load_template(exported["dir"])
     tokenizer = template.tokenizer
-    assert config["format_version"] == 2 and config["dtype"] == "float32" and config["family"] == "glm"
+    assert config["format_version"] == 3 and config["dtype"] == "float32" and config["family"] == "glm"
+    assert config["graph"] == "step" and config["quant"] is None and config["prefix_tokens"] == 0
     assert (config["tgt_length"], config["src_length"]) == (12, 256 - 12)
     assert config["special_ids"]["eop"] == tokenizer.eop_token_id and config["tokenizer_size"] == len(tokenizer)
     assert config["special_ids"]["stop"] == [tokenizer.eop_token_id] and config["kv_heads"] == 4
+
+
+def _paddlenlp_lora_model(exported):
+    """The exported base model with its adapter applied by PaddleNLP's own LoRAModel (merged in eval mode), not by
+    the merge the exporter uses."""
+    model = LoRAModel.from_pretrained(load_model(exported["base"]), exported["adapter"])
+    model.eval()
+    return model
 
 
 @pytest.mark.parametrize("settings", [
@@ -47,10 +56,11 @@ def test_paddle_inference_runner_equals_dygraph_generate(exported, settings):
                             tokenizer_size=template.tokenizer_size, **settings)
     prompts = _prompts(template)
     assert len({len(p["input_ids"]) for p in prompts}) == len(prompts)  # all lengths differ
-    dygraph = generate(load_with_adapter(exported["base"], exported["adapter"]), prompts, config)
+    dygraph = generate(_paddlenlp_lora_model(exported), prompts, config)
     runner = GLMRunner(exported["dir"], backend="paddle", device="cpu", cpu_threads=1)
     served = runner.generate(prompts, config)
     assert served.sequences == dygraph.sequences
+    assert served.sequences != generate(load_model(exported["base"]), prompts, config).sequences  # the adapter acts
     np.testing.assert_allclose(served.scores, dygraph.scores, rtol=1e-4, atol=1e-5)
 
 
@@ -61,15 +71,12 @@ def test_onnxruntime_runner_agrees_with_paddle_inference(exported):
     prompts = _prompts(template)
     paddle_runner = GLMRunner(exported["dir"], backend="paddle")
     onnx_runner = GLMRunner(exported["dir"], backend="onnxruntime")
-    from paddle_glm.inputs import generation_batch, prefill_attention_mask
-
-    batch = generation_batch(prompts, template.pad_id)
-    feeds = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-             "attention_mask": prefill_attention_mask(batch["key_mask"], batch["sep"])}
-    paddle_logits, paddle_cache = paddle_runner.engine.run("prefill", feeds)
-    onnx_logits, onnx_cache = onnx_runner.engine.run("prefill", feeds)
+    greedy = DecodingConfig(eos_token_id=template.stop_ids, pad_token_id=template.pad_id, max_length=12)
+    steppers = [runner.stepper(prompts, greedy) for runner in (paddle_runner, onnx_runner)]
+    paddle_logits, onnx_logits = (stepper.prefill(1) for stepper in steppers)
     assert np.abs(paddle_logits - onnx_logits).max() <= 1e-4
-    assert np.abs(paddle_cache - onnx_cache).max() <= 1e-4
+    for paddle_cache, onnx_cache in zip(*(stepper.shared for stepper in steppers)):  # the prompts' keys and values
+        assert np.abs(paddle_cache.numpy() - onnx_cache.numpy()).max() <= 1e-4
     for settings in (dict(decode_strategy="greedy_search"), dict(decode_strategy="beam_search", num_beams=3)):
         config = DecodingConfig(eos_token_id=template.stop_ids, pad_token_id=template.pad_id,
                                 max_length=12, tokenizer_size=template.tokenizer_size, **settings)
@@ -87,7 +94,12 @@ def test_decoding_settings_are_chosen_at_run_time(exported, tmp_path):
     beams = run("--decode_strategy", "beam_search", "--num_beams", "4", "--no_repeat_ngram_size", "0")
     short = run("--decode_strategy", "greedy_search", "--tgt_length", "2")
     assert greedy != beams
-    assert all(len(s) <= len(g) for s, g in zip(short, greedy)) and short != greedy
+    # --tgt_length counts tokens: the 2 that generate gives at max_length 2 (the random model never stops early)
+    template = load_template(exported["dir"])
+    config = DecodingConfig(eos_token_id=template.stop_ids, pad_token_id=template.pad_id, max_length=2,
+                            no_repeat_ngram_size=3, tokenizer_size=template.tokenizer_size)
+    expected = generate(_paddlenlp_lora_model(exported), _prompts(template, [TEXTS[0], TEXTS[2]]), config).sequences
+    assert [len(ids) for ids in expected] == [2, 2] and short == [template.response(ids) for ids in expected]
 
 
 def test_runner_refuses_sources_longer_than_the_export(exported):
@@ -105,6 +117,6 @@ def test_bfloat16_export_writes_half_size_weights_and_cpu_serving_refuses_it(dem
                  "--tgt_length", "8"])
     assert json.load(open(export_dir / "export_config.json"))["dtype"] == "bfloat16"
     fp32_size = os.path.getsize(os.path.join(demo_base["root"], "base", "model_state.pdparams"))
-    assert os.path.getsize(export_dir / "decode.pdiparams") < 0.6 * fp32_size
+    assert os.path.getsize(export_dir / "step.pdiparams") < 0.6 * fp32_size
     with pytest.raises(ValueError, match="exported in bfloat16, which serves on GPU"):
         infer_main(["--model_path", str(export_dir), "--text", "x"])

@@ -105,7 +105,7 @@ def test_reference_export_with_lora_path_folds_the_adapter(trained, tmp_path):
 
     feeds = {"input_ids": np.array([[5, 6, 7]]), "position_ids": np.array([[[0, 1, 2], [0, 0, 0]]]),
              "attention_mask": np.ones([1, 1, 3, 3], dtype="float32")}
-    logits = [GLMRunner(str(tmp_path / name / "glm")).engine.run("prefill", feeds)[0] for name in ("infer", "plain")]
+    logits = [GLMRunner(str(tmp_path / name / "glm")).prompt_logits(**feeds) for name in ("infer", "plain")]
     assert not np.array_equal(logits[0], logits[1])  # the trained adapter (B moved off zero) is in the graph
 
 

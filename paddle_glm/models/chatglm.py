@@ -50,7 +50,8 @@ from paddlenlp.utils.initializer import normal_, ones_, zeros_
 from ..parallel import VocabParallelEmbedding, tensor_parallel_degree
 from .family import Family, History, Template
 from .layers import (
-    KVCache, StrictLoading, attend, default_position_ids, lm_head, loss_positions, mask_bias, parallel_linear,
+    KVCache, StrictLoading, attend_cached, default_position_ids, lm_head, loss_positions, mask_bias, parallel_linear,
+    rows_first_projection,
 )
 from .release import THUDM_CHATGLM_MODEL_CODE, THUDM_CHATGLM_TOKENIZER, Derived, Release
 
@@ -140,12 +141,10 @@ class ChatGLMAttention(nn.Layer):
         mixed = self.query_key_value(hidden_states).reshape([batch, length, self.num_heads, 3 * self.head_dim])
         query, key, value = paddle.split(mixed, 3, axis=-1)  # (B, q, nh, hd) each
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-        if cache is not None:
-            key = paddle.concat([cache[0], key], axis=1)  # (B, cache + q, nh, hd), rotated
-            value = paddle.concat([cache[1], value], axis=1)
         # THUDM, not PaddleNLP: masked scores filled (not biased) before the coefficient multiplies them back.
-        context = attend(query, key, value, bias, None, self.use_flash_attention, coeff=self.coeff, fill=MASK_FILL)
-        return self.dense(context.reshape([batch, length, self.num_heads * self.head_dim])), (key, value)
+        context, cache = attend_cached(query, key, value, cache, bias, None, self.use_flash_attention,
+                                       coeff=self.coeff, fill=MASK_FILL)  # keys rotated, (B, q, nh, hd)
+        return self.dense(context.reshape([batch, length, self.num_heads * self.head_dim])), cache
 
 
 class ChatGLMMLP(nn.Layer):
@@ -299,6 +298,7 @@ class ChatGLMForCausalLM(ChatGLMPretrainedModel):
     def __init__(self, config: ChatGLMConfig):
         super().__init__(config)
         self.chatglm = ChatGLMModel(config)
+        self.projection_rows_first = False  # set for an export's Paddle graph (`layers.lm_head`)
 
     def forward(
         self,
@@ -337,7 +337,7 @@ class ChatGLMForCausalLM(ChatGLMPretrainedModel):
             label_smoothing = float(getattr(self.config, "label_smoothing", 0.0))
         embeddings = self.chatglm.transformer.word_embeddings  # the output projection is tied to them
         logits, loss = lm_head(self, hidden_states, embeddings.weight, labels, loss_mask, label_smoothing,
-                               vocab_start=getattr(embeddings, "start", 0))
+                               vocab_start=getattr(embeddings, "start", 0), rows_first=self.projection_rows_first)
         if not use_cache:
             new_cache = None
         if not return_dict:
@@ -497,6 +497,9 @@ class ChatGLMFamily(Family):
     @property
     def release(self) -> "ChatGLMRelease":
         return ChatGLMRelease()
+
+    def paddle_graph_form(self, model):
+        return rows_first_projection(model)  # the output projection tied to the embeddings
 
     def prepare_export(self, model) -> None:
         for layer in model.sublayers():

@@ -48,7 +48,7 @@ from ..parallel import (
     ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, model_parallel_group, tensor_parallel_degree,
 )
 from .family import Family, History, Template
-from .layers import KVCache, StrictLoading, attend, lm_head, loss_positions, mask_bias, parallel_linear
+from .layers import KVCache, StrictLoading, attend_cached, lm_head, loss_positions, mask_bias, parallel_linear
 from .release import THUDM_CHATGLM_MODEL_CODE, THUDM_CHATGLM_TOKENIZER, Release
 
 __all__ = [
@@ -206,11 +206,10 @@ class SelfAttention(nn.Layer):
         query = apply_rotary(query.reshape([batch, length, self.num_heads, self.head_dim]), cos, sin)  # (B, q, nh, hd)
         key = apply_rotary(key.reshape([batch, length, self.num_groups, self.head_dim]), cos, sin)  # (B, q, ng, hd)
         value = value.reshape([batch, length, self.num_groups, self.head_dim])
-        if cache is not None:  # THUDM: used whatever `use_cache` says (PaddleNLP ignores it without use_cache)
-            key = paddle.concat([cache[0], key], axis=1)  # (B, cache + q, ng, hd)
-            value = paddle.concat([cache[1], value], axis=1)
-        context = attend(query, key, value, bias, self.attention_dropout, self.use_flash_attention)  # (B, q, nh, hd)
-        return self.dense(context.reshape([batch, length, query_width])), (key, value)
+        # A given cache is used whatever `use_cache` says (THUDM; PaddleNLP ignores it without use_cache).
+        context, cache = attend_cached(query, key, value, cache, bias, self.attention_dropout,
+                                       self.use_flash_attention)  # (B, q, nh, hd)
+        return self.dense(context.reshape([batch, length, query_width])), cache
 
 
 class MLP(nn.Layer):

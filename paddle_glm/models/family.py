@@ -19,6 +19,8 @@ A prompt (`render`) never includes `answer_start`, so `--src_length` bounds what
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -220,6 +222,11 @@ class Family:
 
     def prepare_export(self, model) -> None:
         """Adjust a model before tracing (e.g. ops that ONNX converters would change); nothing by default."""
+
+    def paddle_graph_form(self, model) -> contextlib.AbstractContextManager:
+        """A context in which the exporter traces `model`'s Paddle graph (after its ONNX one): forms Paddle
+        Inference runs faster but ONNX Runtime's tools would not rewrite or quantize; none by default."""
+        return contextlib.nullcontext()
 
     def prepare_lora(self, lora_model) -> None:
         """Adjust a model once its LoRA adapters are in place (e.g. gradient hooks of adapter columns that several

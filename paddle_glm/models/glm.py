@@ -42,7 +42,8 @@ from paddlenlp.transformers.model_outputs import CausalLMOutputWithCrossAttentio
 from ..parallel import VocabParallelEmbedding, tensor_parallel_degree
 from .family import Family, History, Template
 from .layers import (
-    KVCache, StrictLoading, attend, default_position_ids, lm_head, loss_positions, mask_bias, parallel_linear,
+    KVCache, StrictLoading, attend_cached, default_position_ids, lm_head, loss_positions, mask_bias, parallel_linear,
+    rows_first_projection,
 )
 from .release import COLS, QKV, ROWS, SAME, Release, TensorSpec
 
@@ -87,12 +88,10 @@ class GLMAttention(nn.Layer):
             query, key, value = paddle.split(mixed.reshape([batch, length, self.num_heads, 3 * self.head_dim]), 3, axis=-1)
         else:
             query, key, value = (part.reshape(shape) for part in paddle.split(mixed, 3, axis=-1))  # (B, q, nh, hd)
-        if cache is not None:
-            key = paddle.concat([cache[0], key], axis=1)  # (B, cache + q, nh, hd)
-            value = paddle.concat([cache[1], value], axis=1)
-        context = attend(query, key, value, bias, self.attention_dropout, self.use_flash_attention)  # (B, q, nh, hd)
+        context, cache = attend_cached(query, key, value, cache, bias, self.attention_dropout,
+                                       self.use_flash_attention)  # (B, q, nh, hd)
         output = self.dense(context.reshape([batch, length, self.num_heads * self.head_dim]))
-        return self.output_dropout(output), (key, value)
+        return self.output_dropout(output), cache
 
 
 class GLMMLP(nn.Layer):
@@ -229,6 +228,7 @@ class GLMForConditionalGeneration(GLMPretrainedModel):
         super().__init__(config)
         config.output_predict = True
         self.glm = GLMModel(config)
+        self.projection_rows_first = False  # set for an export's Paddle graph (`layers.lm_head`)
 
     def forward(
         self,
@@ -268,7 +268,7 @@ class GLMForConditionalGeneration(GLMPretrainedModel):
             label_smoothing = float(getattr(self.config, "label_smoothing", 0.0))
         embeddings = self.glm.word_embeddings  # the output projection is tied to them
         logits, loss = lm_head(self, hidden_states, embeddings.weight, labels, loss_mask, label_smoothing,
-                               vocab_start=getattr(embeddings, "start", 0))
+                               vocab_start=getattr(embeddings, "start", 0), rows_first=self.projection_rows_first)
         if not use_cache:
             new_cache = None
         if not return_dict:
@@ -450,6 +450,9 @@ class GLMFamily(Family):
     @property
     def release(self) -> "GLMRelease":
         return GLMRelease()
+
+    def paddle_graph_form(self, model):
+        return rows_first_projection(model)  # the output projection tied to the embeddings
 
     def prepare_export(self, model) -> None:
         for layer in model.sublayers():

@@ -4,7 +4,9 @@ linear factory, the language-model head and loss, and strict checkpoint loading.
 Conventions every family follows, so that decoding, the trainer, the exporter and the runners never ask
 which family they drive:
 - the cache is a list with one `(key, value)` pair per layer, each `[batch, tokens, kv_heads, head_dim]`
-  (`kv_heads` = the attention heads, or the K/V groups of multi-query attention);
+  (`kv_heads` = the attention heads, or the K/V groups of multi-query attention), or, in exported graphs, one
+  `SegmentedCache` per layer (fixed capacity, written in place); attention goes through `attend_cached`, which
+  serves both;
 - attention masks are 0/1 (1 = may attend): a 1-D `[B]` "sep" mask (keys `j < sep` are visible to every
   query, the rest is causal: GLM's part A, ChatGLM's prompt prefix; 0 = plain causal) or a dense
   `[B, 1, q, cache + q]` mask used as given;
@@ -13,11 +15,12 @@ which family they drive:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
 import re
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import paddle
 import paddle.nn as nn
@@ -30,7 +33,7 @@ from ..parallel import (
 )
 
 __all__ = [
-    "KVCache", "MASKED", "default_position_ids", "sep_to_dense_mask", "mask_bias", "parallel_linear", "attend", "lm_head", "lm_loss",
+    "KVCache", "SegmentedCache", "MASKED", "attend_cached", "rows_first_projection", "default_position_ids", "sep_to_dense_mask", "mask_bias", "parallel_linear", "attend", "lm_head", "lm_loss",
     "masked_mean", "loss_positions", "StrictLoading",
 ]
 
@@ -108,6 +111,78 @@ def attend(query: Tensor, key: Tensor, value: Tensor, bias: Tensor, dropout: Opt
     return paddle.matmul(probs, value).transpose([0, 2, 1, 3])
 
 
+class SegmentedCache(NamedTuple):
+    """One layer's cache in an exported graph (`export/exporter.py`): fixed capacity, written in place.
+
+    - `key`, `value` [N, kv_heads, capacity, head_dim]: each decoding row's own slots; a call writes its q new
+      tokens at [start, start + q) (in place: Paddle Inference's `set_value_with_tensor_` on the fed tensor, ONNX
+      Runtime's ScatterElements into the output bound to the same buffer);
+    - `shared_key`, `shared_value` [N / k, kv_heads, K, head_dim]: read only, one row for k consecutive rows (a
+      prompt and its prefix, which the k beams or samples that continue it read once instead of k times);
+    - `start` [1] int64.
+    Heads-first, so attention reads the cache with no transposed copy. The mask covers [K shared | capacity]
+    columns; slots not yet written are masked.
+    """
+
+    key: Tensor
+    value: Tensor
+    shared_key: Tensor
+    shared_value: Tensor
+    start: Tensor
+
+
+def attend_cached(query: Tensor, key: Tensor, value: Tensor, cache, bias: Tensor, dropout: Optional[nn.Layer],
+                  use_flash_attention: bool = False, coeff: float = 1.0, fill: Optional[float] = None):
+    """Attention of the new tokens' query/key/value [B, q, heads or kv_heads, head_dim] over a layer's cache
+    (None, a `(key, value)` pair, or a `SegmentedCache`); returns (context [B, q, heads, head_dim], the new cache)."""
+    if isinstance(cache, SegmentedCache):
+        return _attend_segments(query, key, value, cache, bias, dropout, coeff, fill)
+    if cache is not None:
+        key = paddle.concat([cache[0], key], axis=1)  # (B, cache + q, kv, hd)
+        value = paddle.concat([cache[1], value], axis=1)
+    return attend(query, key, value, bias, dropout, use_flash_attention, coeff, fill), (key, value)
+
+
+def _attend_segments(query: Tensor, key: Tensor, value: Tensor, cache: SegmentedCache, bias: Tensor,
+                     dropout: Optional[nn.Layer], coeff: float, fill: Optional[float]):
+    """`attend` over [shared | own slots] after writing the new keys and values into the slots.
+
+    Rows n = b k + j (k rows per shared row b). Query head h reads K/V group h // r (r = heads / kv_heads): the
+    queries of a group's r heads (and, for the shared part, of the k rows) are stacked into one matrix, so every
+    cached key and value is read once per step."""
+    rows, length, heads, head_dim = query.shape
+    groups = cache.key.shape[1]
+    slots_k, slots_v = cache.key, cache.value
+    slots_k[:, :, cache.start:cache.start + length] = key.transpose([0, 2, 1, 3])  # (N, kv, capacity, hd)
+    slots_v[:, :, cache.start:cache.start + length] = value.transpose([0, 2, 1, 3])
+    shared_rows, shared_length, capacity = cache.shared_key.shape[0], cache.shared_key.shape[2], slots_k.shape[2]
+    query = query.transpose([0, 2, 1, 3]) * (1.0 / (math.sqrt(head_dim) * coeff))  # (N, nh, q, hd)
+    # shared part: (B, k, kv, r, q, hd) -> (B, kv, k r q, hd)
+    stacked = query.reshape([shared_rows, -1, groups, heads // groups, length, head_dim]).transpose([0, 2, 1, 3, 4, 5])
+    shared = paddle.matmul(stacked.reshape([shared_rows, groups, -1, head_dim]), cache.shared_key, transpose_y=True)
+    shared = shared.reshape([shared_rows, groups, -1, heads // groups, length, shared_length])  # (B, kv, k, r, q, K)
+    shared = shared.transpose([0, 2, 1, 3, 4, 5]).reshape([rows, heads, length, shared_length])
+    own = paddle.matmul(query.reshape([rows, groups, -1, head_dim]), slots_k, transpose_y=True)  # (N, kv, r q, C)
+    scores = paddle.concat([shared, own.reshape([rows, heads, length, capacity])], axis=-1)  # (N, nh, q, K + C)
+    if scores.dtype != paddle.float64:
+        scores = scores.astype("float32")
+    scores = scores + bias if fill is None else paddle.where(bias >= 0, scores, paddle.full([], fill, scores.dtype))
+    if coeff != 1.0:
+        scores = scores * coeff
+    probs = F.softmax(scores, axis=-1).astype(value.dtype)
+    if dropout is not None:
+        probs = dropout(probs)
+    shared_probs, own_probs = paddle.split(probs, [shared_length, capacity], axis=-1)
+    shared_probs = shared_probs.reshape([shared_rows, -1, groups, heads // groups, length, shared_length])
+    shared_probs = shared_probs.transpose([0, 2, 1, 3, 4, 5]).reshape([shared_rows, groups, -1, shared_length])
+    context = paddle.matmul(shared_probs, cache.shared_value)  # (B, kv, k r q, hd)
+    context = context.reshape([shared_rows, groups, -1, heads // groups, length, head_dim])
+    context = context.transpose([0, 2, 1, 3, 4, 5]).reshape([rows, heads, length, head_dim])
+    context = context + paddle.matmul(own_probs.reshape([rows, groups, -1, capacity]), slots_v).reshape(
+        [rows, heads, length, head_dim])
+    return context.transpose([0, 2, 1, 3]), cache._replace(key=slots_k, value=slots_v)
+
+
 def _repeat_groups(tensor: Tensor, repeats: int) -> Tensor:
     """[B, k, groups, hd] -> [B, k, groups * repeats, hd], group g at heads g * repeats ... (g + 1) * repeats - 1."""
     return tensor.unsqueeze(3).expand([-1, -1, -1, repeats, -1]).flatten(2, 3)
@@ -120,20 +195,39 @@ def default_position_ids(batch: int, length: int, start: int) -> Tensor:
 
 
 def lm_head(model, hidden_states: Tensor, weight: Tensor, labels: Optional[Tensor], loss_mask: Optional[Tensor],
-            label_smoothing: float, transpose_y: bool = True, vocab_start: int = 0):
+            label_smoothing: float, transpose_y: bool = True, vocab_start: int = 0, rows_first: bool = False):
     """(logits, loss) of the output projection `weight` ([V, H] with `transpose_y`, else [H, V]).
 
     Under tensor parallelism the projection is vocabulary-sharded: the loss never gathers the logits (they are
     returned sharded with a loss); without labels (generation) they are gathered whole.
+    `rows_first` (the Paddle graph of an export, a few rows per step): a [V, H] weight multiplies as (W h^T)^T.
+    Paddle's CPU matmul is several times slower with a large transposed second operand once h has a few rows
+    (glm-large's 50048 x 1024 at 8 rows: ~50 against ~17 ms); the [V, rows] product is small to transpose back.
+    Not for training or scoring, where that product is as large as the logits.
     """
     if tensor_parallel_degree(model.config) == 1:
-        logits = paddle.matmul(hidden_states, weight, transpose_y=transpose_y)
+        if rows_first and transpose_y:
+            flat = hidden_states.reshape([-1, hidden_states.shape[-1]])  # (B q, H)
+            logits = paddle.matmul(weight, flat, transpose_y=True).transpose([1, 0])  # (B q, V)
+            logits = logits.reshape([hidden_states.shape[0], hidden_states.shape[1], -1])  # (B, q, V)
+        else:
+            logits = paddle.matmul(hidden_states, weight, transpose_y=transpose_y)
         return logits, None if labels is None else lm_loss(logits, labels, loss_mask, label_smoothing)
     logits = paddle.matmul(copy_to_model_parallel(hidden_states), weight, transpose_y=transpose_y)
     if labels is None:
         return gather_from_model_parallel(logits), None
     token_loss = parallel_cross_entropy(logits, labels, vocab_start, model.config.vocab_size, label_smoothing)
     return logits, masked_mean(token_loss, loss_mask)
+
+
+@contextlib.contextmanager
+def rows_first_projection(model):
+    """`model.projection_rows_first` on for the block (`lm_head`; a family's `paddle_graph_form`)."""
+    model.projection_rows_first = True
+    try:
+        yield
+    finally:
+        model.projection_rows_first = False
 
 
 def lm_loss(logits: Tensor, labels: Tensor, loss_mask: Optional[Tensor], label_smoothing: float = 0.0) -> Tensor:
