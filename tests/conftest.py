@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny GLM configs and twin models (ours and PaddleNLP's) with the same weights."""
+"""Shared fixtures: tiny GLM configs and twin models (ours and PaddleNLP's) with the same weights, the tiny demo
+GLM (random and briefly fine-tuned) and its export; and CI's rule that a skipped test fails the run."""
 from __future__ import annotations
 
 import logging
@@ -16,6 +17,27 @@ SHARED_ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "a
 COG_MODEL = os.path.join(SHARED_ASSETS, "cog-pretrain.model")
 
 paddle.set_device("cpu")
+
+
+def _failed_in_ci(report):
+    """With CI=true a skip is a failure that names its reason: the tests that skip without ../shared/assets,
+    Python 3.10's FastDeploy environment or torch are the ones a green CI must have run (`make test` provides them
+    all). Elsewhere `make test` lists the skips and their reasons (-rs)."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes") and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, where every test must run: {reason}"
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    return _failed_in_ci((yield))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    return _failed_in_ci((yield))  # a whole module skipped (`pytest.importorskip` at its top)
 
 
 def tiny_config(**overrides) -> GLMConfig:
@@ -69,6 +91,45 @@ def demo_base(tmp_path_factory):
         handle.write(extra.read())  # one vocabulary for both tasks
     build_demo_model(str(root / "base"), qg["train"], seed=0)
     return {"model": str(root / "base"), "qg": qg, "belle": belle, "root": root}
+
+
+@pytest.fixture(scope="session")
+def demo_trained(demo_base, tmp_path_factory) -> str:
+    """The demo GLM fine-tuned a little (40 steps on its QG data): unlike the random one it ends its answers, so
+    that length and penalty flags change what is generated."""
+    from paddle_glm.finetune import main as finetune
+
+    output = tmp_path_factory.mktemp("trained")
+    flags = dict(model_name_or_path=demo_base["model"], train_file=demo_base["qg"]["train"], max_train_samples=48,
+                 output_dir=output, src_length=48, tgt_length=12, min_tgt_length=0, max_steps=40, learning_rate=5e-3,
+                 per_device_train_batch_size=8, do_train=True, save_strategy="no", report_to="none", device="cpu",
+                 seed=3, disable_tqdm=True)
+    finetune([part for name, value in flags.items() for part in (f"--{name}", str(value))])
+    return str(output)
+
+
+@pytest.fixture(scope="session")
+def decoded(demo_trained):
+    """(texts, src_length, DecodingConfig fields) -> per text the responses that `generate` gives `demo_trained`
+    with exactly those settings, its prompts built as prediction and evaluation build them: the reference for
+    tests that flags reach decoding."""
+    from paddle_glm.decoding import DecodingConfig
+    from paddle_glm.generation import generate
+    from paddle_glm.models import load_template
+
+    template = load_template(demo_trained)
+    model = GLMForConditionalGeneration.from_pretrained(demo_trained)
+    model.eval()
+
+    def responses(texts, src_length=48, **fields):
+        config = DecodingConfig(eos_token_id=template.stop_ids, pad_token_id=template.pad_id,
+                                tokenizer_size=template.tokenizer_size, **fields)
+        prompts = [template.generation_example(template.prompt_ids(text, (), src_length)[0]) for text in texts]
+        sequences = generate(model, prompts, config).sequences
+        per_text = config.num_return_sequences
+        return [[template.response(s) for s in sequences[i * per_text:(i + 1) * per_text]] for i in range(len(texts))]
+
+    return responses
 
 
 @pytest.fixture(scope="session")

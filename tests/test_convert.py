@@ -238,7 +238,28 @@ def test_float16_source_keeps_its_type_unless_asked(reference, torch, tmp_path):
     assert json.loads((tmp_path / "half" / "config.json").read_text())["dtype"] == "float16"
     assert load_file(str(tmp_path / "half" / "model.safetensors"))["glm.word_embeddings.weight"].dtype == np.float16
     main(["--from", "thudm", source, str(tmp_path / "full"), *SHAPE_FLAGS, "--dtype", "float32"])
+    assert GLMConfig.from_pretrained(str(tmp_path / "full")).dtype == "float32"  # the default: not written
+    assert {v.dtype for v in load_file(str(tmp_path / "full" / "model.safetensors")).values()} == {np.dtype("float32")}
     assert np.abs(_our_logits(str(tmp_path / "full")) - reference["logits"]).max() < 0.05  # fp16 rounding only
+
+
+def test_dtype_float16_casts_a_float32_source(reference, torch, tmp_path):
+    source = write_thudm(tmp_path / "thudm", [reference["state"]], torch)
+    main(["--from", "thudm", source, str(tmp_path / "half"), *SHAPE_FLAGS, "--dtype", "float16"])
+    assert json.loads((tmp_path / "half" / "config.json").read_text())["dtype"] == "float16"
+    weights = load_file(str(tmp_path / "half" / "model.safetensors"))
+    assert {v.dtype for v in weights.values()} == {np.dtype("float16")}
+    name = "transformer.layers.0.attention.query_key_value.weight"  # THUDM [out, in] -> ours [in, out]
+    np.testing.assert_array_equal(weights["glm." + name], reference["state"][name].numpy().T.astype("float16"))
+
+
+def test_shape_flags_override_what_the_tensors_show(reference, torch, tmp_path):
+    """--vocab_size (any shape flag) is the model's: a checkpoint that does not have it is refused, naming both."""
+    source = write_thudm(tmp_path / "thudm", [reference["state"]], torch)
+    _fails(["--from", "thudm", source, tmp_path / "out", *SHAPE_FLAGS, "--vocab_size", 2 * VOCAB],
+           "word_embeddings.weight", f"[{VOCAB}, {HIDDEN}]", f"[{2 * VOCAB}, {HIDDEN}]")
+    main(["--from", "thudm", source, str(tmp_path / "same"), *SHAPE_FLAGS, "--vocab_size", str(VOCAB)])
+    assert json.loads((tmp_path / "same" / "config.json").read_text())["vocab_size"] == VOCAB
 
 
 def _tiny_sentencepiece(path) -> str:

@@ -193,22 +193,29 @@ def test_prefill_mask_hides_left_padding_so_padded_rows_equal_unpadded(twin_mode
     np.testing.assert_array_equal(causal, [[1, 0, 0], [0, 1, 0], [0, 1, 1]])
 
 
-def test_recompute_gives_same_loss_and_gradients(twin_models):
-    ours, _ = twin_models
+def test_recompute_gives_same_loss_and_gradients_with_dropout(twin_models):
+    """With dropout on, the recomputed forward pass must draw the dropout masks of the first pass (recompute saves
+    and restores the RNG state): otherwise the gradients belong to another network than the loss."""
+    dropout = 0.3
+    ours = GLMForConditionalGeneration(tiny_config(embedding_dropout_prob=dropout, attention_dropout_prob=dropout,
+                                                   output_dropout_prob=dropout))
+    ours.set_state_dict(twin_models[0].state_dict())
     ids, position_ids, sep = _inputs(6)
     labels = paddle.to_tensor(np.random.default_rng(8).integers(0, V, [B, S]), dtype="int64")
     ours.train()
 
-    def loss_and_grad():
+    def loss_and_grad(seed):
         ours.clear_gradients()
+        paddle.seed(seed)
         loss = ours(ids, position_ids, sep, labels=labels).loss
         loss.backward()
         return float(loss), ours.glm.transformer.layers[0].attention.query_key_value.weight.grad.numpy().copy()
 
-    plain_loss, plain_grad = loss_and_grad()
+    plain_loss, plain_grad = loss_and_grad(11)
+    assert loss_and_grad(12)[0] != pytest.approx(plain_loss, rel=1e-3)  # dropout acts: other masks, other loss
     ours.recompute_enable()
     assert ours.glm.transformer.enable_recompute
-    recomputed_loss, recomputed_grad = loss_and_grad()
+    recomputed_loss, recomputed_grad = loss_and_grad(11)
     assert recomputed_loss == pytest.approx(plain_loss, rel=1e-6)
     np.testing.assert_allclose(recomputed_grad, plain_grad, atol=1e-6)
 

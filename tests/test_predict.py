@@ -9,6 +9,7 @@ import pytest
 from paddlenlp.peft import LoRAConfig, LoRAModel
 
 from paddle_glm.data import write_json_lines
+from paddle_glm.models import load_template
 from paddle_glm.models.glm import GLMForConditionalGeneration
 from paddle_glm.predict import main
 
@@ -44,11 +45,48 @@ def test_predict_input_file_keeps_records_and_uses_source_field(demo_base, tmp_p
     assert [r["prediction"] for r in out] == [r["prediction"] for r in by_text]
 
 
-def test_predict_tgt_length_and_num_return_sequences_act(demo_base, tmp_path):
-    short = _predict(tmp_path, demo_base["model"], *_texts(TEXTS[0]), "--tgt_length", "2", name="a.json")
-    assert len(short[0]["prediction"]) <= 2 * 4  # at most two pieces of a few characters
-    several = _predict(tmp_path, demo_base["model"], *_texts(TEXTS[0]), "--num_return_sequences", "2", name="b.json")
-    assert isinstance(several[0]["prediction"], list) and len(several[0]["prediction"]) == 2
+def _predictions(records):
+    return [r["prediction"] if isinstance(r["prediction"], list) else [r["prediction"]] for r in records]
+
+
+# GenerationArguments' defaults as DecodingConfig fields: what a flag left out (or ignored) means.
+DEFAULTS = dict(decode_strategy="beam_search", num_beams=5, length_penalty=0.7, no_repeat_ngram_size=3, min_length=0,
+                max_length=8, top_k=0, top_p=1.0, temperature=1.0, repetition_penalty=1.0, seed=None,
+                num_return_sequences=1, beam_candidates="top")
+DECODING_CASES = [  # (flags, the DecodingConfig fields they set)
+    (["--decode_strategy", "greedy_search", "--no_repeat_ngram_size", "1", "--min_tgt_length", "3"],
+     dict(decode_strategy="greedy_search", num_beams=1, no_repeat_ngram_size=1, min_length=3)),
+    (["--decode_strategy", "greedy_search", "--repetition_penalty", "3.0"],
+     dict(decode_strategy="greedy_search", num_beams=1, repetition_penalty=3.0)),
+    (["--decode_strategy", "sampling", "--top_k", "6", "--top_p", "0.8", "--temperature", "0.6", "--seed_decoding",
+      "5", "--num_return_sequences", "2"],
+     dict(decode_strategy="sampling", num_beams=1, top_k=6, top_p=0.8, temperature=0.6, seed=5,
+          num_return_sequences=2)),
+    (["--num_beams", "3", "--length_penalty", "3.0", "--no_repeat_ngram_size", "1", "--select_topk", "false",
+      "--seed_decoding", "2"],
+     dict(num_beams=3, length_penalty=3.0, no_repeat_ngram_size=1, beam_candidates="sample", seed=2)),
+]
+
+
+@pytest.mark.parametrize("flags,fields", DECODING_CASES, ids=["greedy, no repeat, min length", "greedy, repetition penalty", "sampling", "beam search"])
+def test_decoding_flags_reach_generation(demo_trained, decoded, tmp_path, flags, fields):
+    """predict_generation.py predicts what `generate` gives with the settings its flags name, and each flag matters
+    here: with any one of them left at its default, `generate` gives something else."""
+    got = _predict(tmp_path, demo_trained, *_texts(*TEXTS), "--batch_size", "3", *flags)
+    expected = decoded(TEXTS, **{**DEFAULTS, **fields})
+    assert _predictions(got) == expected
+    for name in fields:
+        if name not in ("decode_strategy", "num_beams"):  # these two are what the others need
+            assert decoded(TEXTS, **{**DEFAULTS, **fields, name: DEFAULTS[name]}) != expected, name
+
+
+def test_predict_tgt_length_counts_generated_tokens(demo_trained, decoded, tmp_path):
+    """--tgt_length 2 with the stop token held back for 2: exactly the first 2 tokens of a longer generation."""
+    greedy = dict(DEFAULTS, decode_strategy="greedy_search", num_beams=1, no_repeat_ngram_size=0, min_length=2)
+    flags = ["--decode_strategy", "greedy_search", "--no_repeat_ngram_size", "0", "--min_tgt_length", "2"]
+    short = _predict(tmp_path, demo_trained, *_texts(*TEXTS), *flags, "--tgt_length", "2", name="a.json")
+    assert _predictions(short) == decoded(TEXTS, **dict(greedy, max_length=2))
+    assert _predictions(short) != decoded(TEXTS, **dict(greedy, max_length=3))
 
 
 def test_predict_with_lora_adapter_equals_merged_model(demo_base, tmp_path):
@@ -101,3 +139,36 @@ def test_without_texts_the_demo_serves_held_out_examples_beside_their_references
     assert shown[-1] == (f"BLEU-4 {expected['bleu4']:.2f}, ROUGE-L {expected['rougeL']:.2f} on these 2 held-out "
                          "examples (they were not trained on)")
     assert read_inputs(io, None)[0]["src"].startswith("答案：巴黎")  # no demo: the built-in example texts
+
+
+def test_no_arguments_predict_the_demo_checkpoint_on_its_held_out_examples(demo_trained, demo_base, tmp_path,
+                                                                          monkeypatch, capsys):
+    """`python predict_generation.py` alone serves checkpoints/demo/dureader_qg (the demo's fine-tuned model) on the
+    demo's dev examples: each as --text would predict it, beside its reference, then their scores."""
+    import shutil
+
+    from paddle_glm.metrics import generation_metrics
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="checkpoints/demo/dureader_qg does not exist yet: run `python "
+                                         "finetune_generation.py`"):
+        main([])
+    shutil.copytree(demo_trained, tmp_path / "checkpoints" / "demo" / "dureader_qg")
+    (tmp_path / "checkpoints" / "demo" / "data" / "qg").mkdir(parents=True)
+    shutil.copy(demo_base["qg"]["dev"], tmp_path / "checkpoints" / "demo" / "data" / "qg" / "dev.json")
+    capsys.readouterr()
+    main([])
+    shown = capsys.readouterr().out.splitlines()
+    dev = [json.loads(line) for line in open(demo_base["qg"]["dev"], encoding="utf-8")]
+    sources = [f"答案：{r['answer']}，上下文：{r['context']}" for r in dev]
+    assert len(dev) == 6 and shown[0:-1:3] == [f"{n}. {source}" for n, source in enumerate(sources, 1)]
+    by_text = _predict(tmp_path, "checkpoints/demo/dureader_qg", *_texts(*sources), "--tgt_length", "64",
+                       "--num_beams", "5", "--src_length", str(256 - 64))
+    predictions = [r["prediction"] for r in by_text]
+    assert shown[2:-1:3] == [f"   prediction: {p}" for p in predictions]
+    template = load_template(demo_trained)
+    references = [template.response(template.target_ids(r["question"])) for r in dev]  # "？" -> "?", as predicted
+    assert shown[1:-1:3] == [f"   reference:  {r}" for r in references]
+    scores = generation_metrics(predictions, references)
+    assert shown[-1] == (f"BLEU-4 {scores['bleu4']:.2f}, ROUGE-L {scores['rougeL']:.2f} on these 6 held-out examples "
+                         "(they were not trained on)")

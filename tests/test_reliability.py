@@ -279,17 +279,17 @@ def test_runner_names_missing_graph_files(exported, tmp_path):
     from infer.runner import GLMRunner, export_directory
 
     export = shutil.copytree(exported["dir"], tmp_path / "export")
-    os.remove(export / "decode.pdiparams")
-    os.remove(export / "prefill.onnx")
-    with pytest.raises(FileNotFoundError, match=r"decode\.pdiparams not found: the export in .* is incomplete"):
+    os.remove(export / "step.pdiparams")
+    os.remove(export / "step.onnx")
+    with pytest.raises(FileNotFoundError, match=r"step\.pdiparams not found: the export in .* is incomplete"):
         GLMRunner(str(export), backend="paddle")
-    with pytest.raises(FileNotFoundError, match=r"prefill\.onnx not found.*with --onnx"):
+    with pytest.raises(FileNotFoundError, match=r"step\.onnx not found.*with --onnx"):
         GLMRunner(str(export), backend="onnxruntime")
     with pytest.raises(FileNotFoundError, match=r"--model_prefix other: no export at .*other \(export_generation"):
         export_directory(os.path.dirname(exported["dir"]), "other")
     assert export_directory(os.path.dirname(exported["dir"]), os.path.basename(exported["dir"])) == exported["dir"]
     os.remove(export / "tokenizer_config.json")
-    with pytest.raises(FileNotFoundError, match=r"decode\.pdiparams, .*tokenizer_config\.json not found"):
+    with pytest.raises(FileNotFoundError, match=r"step\.pdiparams, .*tokenizer_config\.json not found"):
         GLMRunner(str(export), backend="paddle")
 
 
@@ -345,8 +345,11 @@ def test_runner_keeps_every_good_output_when_lines_are_bad(exported, tmp_path):
     infer_main(["--model_path", exported["dir"], "--input_file", path, "--output_file", str(tmp_path / "out.json"),
                 "--tgt_length", "4", "--decode_strategy", "greedy_search"])
     out = _read(tmp_path / "out.json")
+    assert [r.get("id") for r in out] == [TEXTS[0][:4], None, TEXTS[1][:4], 5, None, None, None, TEXTS[2][:4]]
     assert [r for r in out if "error" in r] == _bad_records(path)
-    assert len([r for r in out if "prediction" in r]) == 3
+    infer_main(["--model_path", exported["dir"], *[a for t in TEXTS for a in ("--text", t)], "--output_file",
+                str(tmp_path / "t.json"), "--tgt_length", "4", "--decode_strategy", "greedy_search"])
+    assert [r["prediction"] for r in out if "prediction" in r] == [r["prediction"] for r in _read(tmp_path / "t.json")]
 
 
 # ------------------------------------------------------------------------------------- nothing lost

@@ -27,7 +27,7 @@ from tasks import dureader_qg
 
 SRC_LENGTH, TGT_LENGTH, BATCH, STEPS = 48, 16, 4, 100  # the demo sources have 23-40 ids, targets 4-13
 LEARNING_RATE, DECAY_RATIO = 2e-3, 0.1
-TOLERANCE = 1e-3  # relative, at every step (issue 8)
+TOLERANCE = 1e-5  # relative, at every step: measured 4.8e-7 (issue 8); a wrong path differs by 1e-4 early on
 
 
 class ReferenceTrainer(Trainer):

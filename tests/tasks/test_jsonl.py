@@ -1,31 +1,36 @@
-"""Generic JSON-lines task: the source and target fields come from the data arguments."""
+"""Generic JSON-lines task: the source and target fields come from the data arguments (--source_field,
+--target_field, parsed as the recipe parses them)."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
+from paddlenlp.trainer import PdArgumentParser
 
 import tasks
+from paddle_glm.args import DataArguments
 from paddle_glm.data import DataError
 from tasks import jsonl
 
 RECORD = {"src": "问题", "tgt": "回答", "prompt": "另一个问题"}
 
 
-def test_to_pairs_uses_configured_fields():
-    args = SimpleNamespace(source_field="src", target_field="tgt")
-    assert jsonl.to_pairs(RECORD, "a.jsonl:1", args) == [("问题", "回答")]
+def data_args(*flags: str) -> DataArguments:
+    (args,) = PdArgumentParser(DataArguments).parse_args_into_dataclasses(args=["--task_name", "jsonl", *flags])
+    return args
+
+
+def test_to_pairs_uses_the_default_fields():
+    assert jsonl.to_pairs(RECORD, "a.jsonl:1", data_args()) == [("问题", "回答")]
 
 
 def test_to_pairs_other_source_field_changes_pair():
-    args = SimpleNamespace(source_field="prompt", target_field="tgt")
-    assert jsonl.to_pairs(RECORD, "a.jsonl:1", args) == [("另一个问题", "回答")]
+    assert jsonl.to_pairs(RECORD, "a.jsonl:1", data_args("--source_field", "prompt")) == [("另一个问题", "回答")]
+    swapped = data_args("--source_field", "tgt", "--target_field", "prompt")
+    assert jsonl.to_pairs(RECORD, "a.jsonl:1", swapped) == [("回答", "另一个问题")]
 
 
 def test_to_pairs_missing_configured_field_names_it():
-    args = SimpleNamespace(source_field="src", target_field="answer")
     with pytest.raises(DataError, match=r"a\.jsonl:3: missing field 'answer'"):
-        jsonl.to_pairs(RECORD, "a.jsonl:3", args)
+        jsonl.to_pairs(RECORD, "a.jsonl:3", data_args("--target_field", "answer"))
 
 
 @pytest.mark.parametrize("name", ["dureader_qg", "belle", "jsonl"])
