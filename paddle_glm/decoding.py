@@ -120,8 +120,25 @@ def generate(stepper: Stepper, batch_size: int, config: DecodingConfig) -> Gener
     config.validate()
     if config.decode_strategy == "beam_search":
         return _beam_search(stepper, batch_size, config)
-    choose = _sampler(config) if config.decode_strategy == "sampling" else _argmax
-    return _decode_rows(stepper, batch_size, config, choose)
+    return _decode_rows(stepper, batch_size, config, chooser(config))
+
+
+def chooser(config: DecodingConfig) -> Callable[[np.ndarray], np.ndarray]:
+    """The token chooser of greedy search or sampling; a sampler owns its seeded generator, so one chooser serves
+    one group of rows (a prompt and its samples) for its whole decoding."""
+    return _sampler(config) if config.decode_strategy == "sampling" else _argmax
+
+
+def decode_step(logits: np.ndarray, generated: np.ndarray, finished: np.ndarray, config: DecodingConfig,
+                choose: Callable[[np.ndarray], np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    """One greedy/sampling step of a group of rows: logits [N, V], their generated tokens [N, t] and finished flags
+    [N] -> (next tokens [N], pad on finished rows; their log-probabilities [N]). Rows of a group are decoded
+    together because a sampler draws one number per row of its group at every step (finished ones included): a
+    server that batches other groups beside them gets the same tokens."""
+    scores = _process(logits.astype(np.float32), generated, config)
+    tokens = np.where(finished, config.pad_token_id, choose(scores)).astype(np.int64)
+    logprobs = np.take_along_axis(_log_softmax(scores), tokens[:, None], axis=1)[:, 0]
+    return tokens, logprobs
 
 
 # ---------------------------------------------------------------- logits processing
@@ -230,9 +247,7 @@ def _decode_rows(
     finished = np.zeros(rows, dtype=bool)
     logprob_sum, counted = np.zeros(rows), np.zeros(rows)
     for step in range(config.max_length):
-        scores = _process(logits.astype(np.float32), generated, config)
-        tokens = np.where(finished, config.pad_token_id, choose(scores)).astype(np.int64)
-        logprobs = np.take_along_axis(_log_softmax(scores), tokens[:, None], axis=1)[:, 0]
+        tokens, logprobs = decode_step(logits, generated, finished, config, choose)
         logprob_sum += np.where(finished, 0.0, logprobs)
         counted += ~finished
         generated = np.concatenate([generated, tokens[:, None]], axis=1)

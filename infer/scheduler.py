@@ -1,0 +1,385 @@
+"""Continuous batching: one thread owns the model; requests join the running decode batch between steps.
+
+Every request (a `Job`: one prompt, `n` rows for its samples) is prefilled alone, chooses its first tokens from
+the prompt's logits, and its rows join the batch before the next step; a job whose rows are all finished (or
+that is cancelled: its client went away, its time ran out) leaves before the next step. Tokens are chosen per job
+with `paddle_glm.decoding.decode_step` and a chooser of the job's own (its own seeded generator, drawing one
+number per row of the job at every step, as `decoding.generate` does for that request alone): what a request
+generates does not depend on what else is in the batch. Beam search (`num_beams > 1`) reorders rows and ends
+them by comparing hypotheses; it runs as a batch of its own, through `decoding.generate`, between two steps.
+
+The cache of the batch (`ExportedBatch`) is the exported step graph's two segments (`models.layers.SegmentedCache`)
+used with one shared row per decoding row (k = 1):
+- shared [rows, kv, Ws, hd], Ws = Kp + C: a row's prompt (and a P-Tuning prefix) in columns [0, Kp), written by
+  its own prompt pass; columns [Kp, Ws) hold the *previous* C own slots of every row (see fold);
+- own [rows, kv, C, hd]: step t writes slot t of every row (the graph's common `cache_index`); a row that joined
+  at step t0 masks its slots before t0 (they are zeros of its fresh buffer);
+- when t reaches C the own slots are copied into columns [Kp, Ws) of the shared segment ("fold") and t restarts
+  at 0. C is the export's tgt_length, the most new tokens a request may ask for, so a row lives through at most
+  one fold: the columns a fold overwrites belong to rows that have left.
+Per row, the mask [rows, Ws + C] opens its prompt columns, its slots of the previous epoch and its slots of this
+one; positions advance by the family's `position_step`.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Protocol, Tuple
+
+import numpy as np
+
+from paddle_glm.decoding import DecodingConfig, GenerationResult, chooser, decode_step
+from paddle_glm.inputs import Example, model_positions, prefill_attention_mask
+
+__all__ = ["Job", "Listener", "Scheduler", "ExportedBatch", "QueueFull"]
+
+logger = logging.getLogger("paddle_glm")
+ANSWER_START_ROOM = 4  # a prompt is at most src_length ids and the tokens that open an answer (GLM's <sop>)
+
+
+class QueueFull(RuntimeError):
+    """More requests wait than `max_queue` allows."""
+
+
+class Listener(Protocol):
+    """Receives a job's progress, in the scheduler's thread (keep it short: the batch waits)."""
+
+    def tokens(self, job: "Job", live: np.ndarray) -> List[int]:
+        """`job.generated` grew by a column; `live` [rows] marks the rows that got a real token (not the pad of a
+        finished row). Returns rows to finish now (a stop string completed)."""
+
+    def done(self, job: "Job", error: Optional[BaseException]) -> None:
+        """The job left the batch: `job.sequences`, `job.reasons` are final (or `error` says why not)."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One prompt (`Template.generation_example`) decoded with `config` into `config.num_return_sequences` rows."""
+
+    example: Example
+    config: DecodingConfig
+    listener: Listener
+    cancelled: bool = False
+    sequences: List[List[int]] = field(default_factory=list)
+    reasons: List[str] = field(default_factory=list)  # per row: "stop" (eos or stop string) or "length"
+
+    def __post_init__(self):
+        self.rows = 1 if self.beam else self.config.num_return_sequences
+        self.generated = np.empty((self.rows, 0), dtype=np.int64)
+        self.finished = np.zeros(self.rows, dtype=bool)
+        self.stopped = np.zeros(self.rows, dtype=bool)  # finished by the listener (a stop string)
+        self.lengths = np.zeros(self.rows, dtype=np.int64)  # a stopped row's tokens
+        self.choose = None if self.beam else chooser(self.config)
+
+    @property
+    def beam(self) -> bool:
+        return self.config.decode_strategy == "beam_search"
+
+    def cancel(self) -> None:
+        """Leave the batch before its next step (any thread)."""
+        self.cancelled = True
+
+    def advance(self, logits: np.ndarray) -> bool:
+        """Choose the rows' next tokens from their logits [rows, V] as `decoding.generate` would; True when done."""
+        config = self.config
+        tokens, _ = decode_step(logits, self.generated, self.finished, config, self.choose)
+        self.generated = np.concatenate([self.generated, tokens[:, None]], axis=1)
+        live = ~self.finished
+        self.finished |= np.isin(tokens, config.eos_ids)
+        for row in self.listener.tokens(self, live):
+            if not self.finished[row]:
+                self.stopped[row], self.finished[row] = True, True
+                self.lengths[row] = self.generated.shape[1]
+        return bool(self.finished.all()) or self.generated.shape[1] >= config.max_length
+
+    def close(self) -> None:
+        """Final sequences (until eos; a stopped row until the token that completed its stop string)."""
+        eos = self.config.eos_ids
+        for row, tokens in enumerate(self.generated.tolist()):
+            end = int(self.lengths[row]) if self.stopped[row] else next(
+                (i for i, token in enumerate(tokens) if token in eos), None)
+            self.sequences.append(tokens[:end] if end is not None else tokens)
+            self.reasons.append("stop" if self.stopped[row] or end is not None else "length")
+
+
+@dataclass
+class NewRows:
+    """Rows prefilled by `ExportedBatch.prefill`, not yet in the batch."""
+
+    shared: list  # per layer key, value [rows, kv, Ws, hd]
+    mask: np.ndarray  # [rows, Ws + C]
+    positions: np.ndarray  # [rows, P] the prompt's last position
+    position_step: np.ndarray  # [rows, P]
+
+
+class ExportedBatch:
+    """The running decode batch over an export's step graph (`infer.runner.GLMRunner`); see the module docstring."""
+
+    def __init__(self, runner):
+        config = runner.config
+        self.runner, self.engine = runner, runner.engine
+        self.layers, self.heads, self.head_dim = config["num_layers"], config["kv_heads"], config["head_dim"]
+        self.prefix = runner.prefix  # [layers, 2, P, kv, hd] or None
+        prefix_tokens = 0 if self.prefix is None else self.prefix.shape[2]
+        self.capacity = config["tgt_length"]  # C
+        self.prompt_width = prefix_tokens + config["src_length"] + ANSWER_START_ROOM  # Kp
+        self.width = self.prompt_width + self.capacity  # Ws
+        self.prefix_tokens = prefix_tokens
+        self.reset()
+
+    def reset(self) -> None:
+        self.shared: Optional[list] = None  # per layer key, value [rows, kv, Ws, hd]
+        self.own: Optional[list] = None  # per layer key, value [rows, kv, C, hd]
+        self.mask = np.zeros([0, self.width + self.capacity], "float32")
+        self.positions = np.zeros([0, 0], "int64")  # [rows, P] the last fed position
+        self.position_step = np.zeros([0, 0], "int64")
+        self.t = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.mask)
+
+    def generate(self, example: Example, config: DecodingConfig) -> GenerationResult:
+        """A job decoded alone (beam search) with the runner's own stepper."""
+        return self.runner.generate([example], config)
+
+    def prefill(self, example: Example, rows: int) -> Tuple[np.ndarray, "NewRows"]:
+        """Run `example`'s prompt alone (as the runner does: batching prompts of different lengths would change the
+        rounding of their logits, and a near tie could then flip a greedy token): the next-token logits
+        [rows, V] of `rows` rows continuing it, and those rows for `add`."""
+        input_ids = np.asarray(example["input_ids"], "int64")[None]  # [1, L]
+        positions = np.asarray(example["position_ids"], "int64")[None]  # [1, P, L]
+        length, prefix = input_ids.shape[1], self.prefix_tokens
+        if prefix + length > self.prompt_width:
+            raise ValueError(f"a prompt of {length} tokens exceeds the {self.prompt_width - prefix} this batch holds")
+        # columns: one masked dummy shared column | the prefix | the prompt | the rest of the row's shared width
+        mask = np.zeros([1, 1, length, 1 + self.width], "float32")
+        mask[..., 1:1 + prefix] = 1.0
+        sep = np.array([int(example["attention_mask"])])
+        mask[..., 1 + prefix:1 + prefix + length] = prefill_attention_mask(np.ones([1, length], "float32"), sep)
+        heads = [None] * (2 * self.layers) if self.prefix is None else [
+            self.prefix[layer, kind].transpose(1, 0, 2)[None] for layer in range(self.layers) for kind in (0, 1)]
+        filled = [self.engine.buffer([1, self.heads, self.width, self.head_dim], head) for head in heads]
+        empty = self.engine.buffer([1, self.heads, 1, self.head_dim])
+        logits = self._run(input_ids, model_positions(positions), mask, prefix, [empty] * len(filled), filled)
+        row_mask = np.zeros([rows, self.width + self.capacity], "float32")
+        row_mask[:, :prefix + length] = 1.0
+        new = NewRows(self.engine.gather(filled, np.zeros(rows, "int64")) if rows > 1 else filled, row_mask,
+                      np.repeat(positions[:, :, -1], rows, axis=0),
+                      np.repeat(np.asarray(example["position_step"], "int64")[None], rows, axis=0))
+        return np.repeat(logits, rows, axis=0), new
+
+    def add(self, new: List["NewRows"]) -> None:
+        """Append prefilled rows to the batch: one copy of the batch's buffers however many join."""
+        shared = new[0].shared
+        for more in new[1:]:
+            shared = self.engine.concat(shared, more.shared)
+        rows = sum(len(n.mask) for n in new)
+        own = [self.engine.buffer([rows, self.heads, self.capacity, self.head_dim]) for _ in shared]
+        if self.shared is None:
+            self.shared, self.own = shared, own
+        else:
+            self.shared, self.own = self.engine.concat(self.shared, shared), self.engine.concat(self.own, own)
+        self.mask = np.concatenate([self.mask] + [n.mask for n in new])
+        positions = np.concatenate([n.positions for n in new])
+        steps = np.concatenate([n.position_step for n in new])
+        self.positions = np.concatenate([self.positions.reshape(-1, positions.shape[1]), positions])
+        self.position_step = np.concatenate([self.position_step.reshape(-1, steps.shape[1]), steps])
+
+    def keep(self, index: np.ndarray) -> None:
+        """Keep only rows `index` (in that order): the others' requests left."""
+        if len(index) == 0:
+            self.reset()
+            return
+        if len(index) == self.rows:
+            return
+        self.shared, self.own = self.engine.gather(self.shared, index), self.engine.gather(self.own, index)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        self.position_step = self.position_step[index]
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Feed one token per row (int64 [rows]); next-token logits [rows, V]."""
+        if self.t == self.capacity:
+            self._fold()
+        self.mask[:, self.width + self.t] = 1.0
+        self.positions = self.positions + self.position_step
+        logits = self._run(tokens.astype("int64")[:, None], model_positions(self.positions[:, :, None]),
+                           self.mask[:, None, None, :], self.t, self.shared, self.own)
+        self.t += 1
+        return logits
+
+    def _fold(self) -> None:
+        """Own slots -> the shared segment's last C columns; the epoch before is dead (rows live <= C steps)."""
+        kp = self.prompt_width
+        self.shared = self.engine.write_slots(self.shared, self.own, kp)
+        self.mask[:, kp:self.width] = self.mask[:, self.width:]
+        self.mask[:, self.width:] = 0.0
+        self.t = 0
+
+    def _run(self, input_ids, position_ids, attention_mask, start: int, shared: list, own: list) -> np.ndarray:
+        feeds = {"input_ids": np.ascontiguousarray(input_ids), "position_ids": np.ascontiguousarray(position_ids),
+                 "attention_mask": np.ascontiguousarray(attention_mask),
+                 "cache_index": np.array([start], dtype="int64")}
+        cache = [buffer for layer in range(self.layers)
+                 for buffer in (shared[2 * layer], shared[2 * layer + 1], own[2 * layer], own[2 * layer + 1])]
+        return self.engine.run(feeds, cache)
+
+
+class Scheduler:
+    """Owns `batch` (an `ExportedBatch`) in one thread; `submit` jobs from any thread."""
+
+    def __init__(self, batch: ExportedBatch, max_batch_size: int = 16, max_queue: int = 64,
+                 prefill_tokens: int = 512):
+        self.batch, self.max_batch_size, self.max_queue = batch, max_batch_size, max_queue
+        self.prefill_tokens = prefill_tokens  # prompt tokens prefilled between two steps (at least one prompt)
+        self.incoming: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self.waiting: Optional[Job] = None  # pulled from `incoming` but not yet room for its rows
+        self.jobs: List[Job] = []  # in batch row order
+        self.pending_lock = threading.Lock()
+        self.pending = 0  # submitted, not yet in the batch
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self.steps = 0
+
+    def start(self) -> "Scheduler":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Finish the loop: jobs still queued or running end with an error."""
+        self.running = False
+        self.incoming.put(None)
+        self.thread.join()
+
+    @property
+    def running_rows(self) -> int:
+        return sum(job.rows for job in self.jobs)
+
+    def submit(self, job: Job) -> None:
+        """Queue `job`; raises QueueFull when `max_queue` jobs already wait."""
+        if job.rows > self.max_batch_size:
+            raise ValueError(f"{job.rows} rows exceed --max_batch_size {self.max_batch_size}")
+        if not job.beam and job.config.max_length > self.batch.capacity:
+            raise ValueError(f"max_length {job.config.max_length} exceeds the batch's {self.batch.capacity} slots")
+        with self.pending_lock:
+            if self.pending >= self.max_queue:
+                raise QueueFull(f"{self.pending} requests are waiting (--max_queue {self.max_queue})")
+            self.pending += 1
+        self.incoming.put(job)
+
+    # ---------------------------------------------------------------- the loop (scheduler thread)
+
+    def _loop(self) -> None:
+        while self.running:
+            try:
+                self._admit(block=not self.jobs)
+                self._leave([job for job in self.jobs if job.cancelled])
+                if self.jobs:
+                    self._step()
+            except Exception as error:  # the model failed: fail the running jobs, keep serving
+                logger.exception("the scheduler's step failed")
+                self._leave(list(self.jobs), error)
+                self.batch.reset()
+        for job in self.jobs + ([self.waiting] if self.waiting else []):
+            job.listener.done(job, RuntimeError("the server stopped"))
+        while not self.incoming.empty():
+            job = self.incoming.get_nowait()
+            if job is not None:
+                job.listener.done(job, RuntimeError("the server stopped"))
+
+    def _next(self, block: bool) -> Optional[Job]:
+        if self.waiting is not None:
+            return self.waiting
+        try:
+            job = self.incoming.get(timeout=0.5) if block else self.incoming.get_nowait()
+        except queue.Empty:
+            return None
+        self.waiting = job
+        return job
+
+    def _admit(self, block: bool) -> None:
+        """Prefill waiting jobs (FIFO) while their rows fit and their prompt tokens stay within `prefill_tokens` (at
+        least one job: running rows wait for the prefills, so this bounds their stall), then add them to the batch
+        at once; beam jobs run to the end here."""
+        chosen: List[Job] = []
+        budget = self.prefill_tokens
+        while self.running:
+            job = self._next(block and not self.jobs and not chosen)
+            if job is None or job.rows + self.running_rows + sum(j.rows for j in chosen) > self.max_batch_size:
+                break
+            cost = len(job.example["input_ids"])
+            if chosen and cost > budget:
+                break
+            budget -= cost
+            self.waiting = None
+            with self.pending_lock:
+                self.pending -= 1
+            if job.cancelled:
+                job.listener.done(job, None)
+            elif job.beam:
+                self._run_beam(job)
+            else:
+                chosen.append(job)
+        prefilled = []
+        for job in chosen:
+            try:
+                prefilled.append((job, *self.batch.prefill(job.example, job.rows)))
+            except Exception as error:
+                logger.exception("a prompt pass failed")
+                job.listener.done(job, error)
+        if not prefilled:
+            return
+        self.jobs.extend(job for job, _, _ in prefilled)  # first: if adding fails, the loop fails them with the rest
+        self.batch.add([rows for _, _, rows in prefilled])
+        self._leave([job for job, logits, _ in prefilled if job.advance(logits)])
+
+    def _run_beam(self, job: Job) -> None:
+        try:
+            result = self.batch.generate(job.example, job.config)
+        except Exception as error:
+            logger.exception("a beam search failed")
+            job.listener.done(job, error)
+            return
+        job.sequences = result.sequences
+        job.reasons = ["stop" if len(s) < job.config.max_length else "length" for s in result.sequences]
+        job.listener.done(job, None)
+
+    def _step(self) -> None:
+        tokens = np.concatenate([job.generated[:, -1] for job in self.jobs])
+        logits = self.batch.step(tokens)
+        self.steps += 1
+        done, row = [], 0
+        for job in self.jobs:
+            if job.advance(logits[row:row + job.rows]):
+                done.append(job)
+            row += job.rows
+        if done:
+            self._leave(done)
+
+    def _leave(self, jobs: List[Job], error: Optional[BaseException] = None) -> None:
+        if not jobs:
+            return
+        keep, row = [], 0
+        for job in self.jobs:
+            if job not in jobs:
+                keep.extend(range(row, row + job.rows))
+            row += job.rows
+        self.jobs = [job for job in self.jobs if job not in jobs]
+        self.batch.keep(np.array(keep, dtype="int64"))
+        for job in jobs:
+            if error is None and not job.cancelled:
+                job.close()
+            job.listener.done(job, error)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Poll `predicate` until true or `timeout` seconds pass (tests and draining)."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
