@@ -34,6 +34,8 @@ import numpy as np
 from paddle_glm.decoding import DecodingConfig, GenerationResult, chooser, decode_step
 from paddle_glm.inputs import Example, model_positions, prefill_attention_mask
 
+from .stepper import prefix_heads, run_step
+
 __all__ = ["Job", "Listener", "Scheduler", "ExportedBatch", "QueueFull"]
 
 logger = logging.getLogger("paddle_glm")
@@ -160,11 +162,10 @@ class ExportedBatch:
         mask[..., 1:1 + prefix] = 1.0
         sep = np.array([int(example["attention_mask"])])
         mask[..., 1 + prefix:1 + prefix + length] = prefill_attention_mask(np.ones([1, length], "float32"), sep)
-        heads = [None] * (2 * self.layers) if self.prefix is None else [
-            self.prefix[layer, kind].transpose(1, 0, 2)[None] for layer in range(self.layers) for kind in (0, 1)]
+        heads = prefix_heads(self.prefix, self.layers)
         filled = [self.engine.buffer([1, self.heads, self.width, self.head_dim], head) for head in heads]
         empty = self.engine.buffer([1, self.heads, 1, self.head_dim])
-        logits = self._run(input_ids, model_positions(positions), mask, prefix, [empty] * len(filled), filled)
+        logits = run_step(self.engine, input_ids, model_positions(positions), mask, prefix, [empty] * len(filled), filled)
         row_mask = np.zeros([rows, self.width + self.capacity], "float32")
         row_mask[:, :prefix + length] = 1.0
         new = NewRows(self.engine.gather(filled, np.zeros(rows, "int64")) if rows > 1 else filled, row_mask,
@@ -206,7 +207,7 @@ class ExportedBatch:
             self._fold()
         self.mask[:, self.width + self.t] = 1.0
         self.positions = self.positions + self.position_step
-        logits = self._run(tokens.astype("int64")[:, None], model_positions(self.positions[:, :, None]),
+        logits = run_step(self.engine, tokens.astype("int64")[:, None], model_positions(self.positions[:, :, None]),
                            self.mask[:, None, None, :], self.t, self.shared, self.own)
         self.t += 1
         return logits
@@ -218,14 +219,6 @@ class ExportedBatch:
         self.mask[:, kp:self.width] = self.mask[:, self.width:]
         self.mask[:, self.width:] = 0.0
         self.t = 0
-
-    def _run(self, input_ids, position_ids, attention_mask, start: int, shared: list, own: list) -> np.ndarray:
-        feeds = {"input_ids": np.ascontiguousarray(input_ids), "position_ids": np.ascontiguousarray(position_ids),
-                 "attention_mask": np.ascontiguousarray(attention_mask),
-                 "cache_index": np.array([start], dtype="int64")}
-        cache = [buffer for layer in range(self.layers)
-                 for buffer in (shared[2 * layer], shared[2 * layer + 1], own[2 * layer], own[2 * layer + 1])]
-        return self.engine.run(feeds, cache)
 
 
 class Scheduler:

@@ -16,7 +16,7 @@ import numpy as np
 
 from paddle_glm.inputs import model_positions, prefill_attention_mask
 
-__all__ = ["ExportedStepper"]
+__all__ = ["ExportedStepper", "run_step", "prefix_heads"]
 
 
 class ExportedStepper:
@@ -50,7 +50,7 @@ class ExportedStepper:
         if self.steps >= self.capacity:
             raise ValueError(f"decode step {self.steps + 1} exceeds the {self.capacity} slots of this batch")
         t = self.steps
-        logits = self._run(tokens.astype("int64")[:, None], self.positions[t], self.masks[t], t, self.shared,
+        logits = run_step(self.engine, tokens.astype("int64")[:, None], self.positions[t], self.masks[t], t, self.shared,
                            self.own)
         self.steps += 1
         return logits
@@ -74,20 +74,11 @@ class ExportedStepper:
         columns = [np.zeros([rows, 1, length, 1], "float32"), np.ones([rows, 1, length, prefix], "float32")]
         mask = np.concatenate(columns + [attention_mask.astype("float32")], axis=-1)
         empty = self.engine.buffer([rows, self.heads, 1, self.head_dim])
-        heads = [None] * (2 * self.layers) if self.prefix is None else [
-            self.prefix[layer, kind].transpose(1, 0, 2)[None] for layer in range(self.layers) for kind in (0, 1)]
+        heads = prefix_heads(self.prefix, self.layers)
         filled = [self.engine.buffer([rows, self.heads, prefix + length, self.head_dim], head) for head in heads]
-        logits = self._run(input_ids.astype("int64"), model_positions(position_ids), mask, prefix,
+        logits = run_step(self.engine, input_ids.astype("int64"), model_positions(position_ids), mask, prefix,
                            [empty] * (2 * self.layers), filled)
         return logits, filled
-
-    def _run(self, input_ids, position_ids, attention_mask, start: int, shared: List, own: List) -> np.ndarray:
-        feeds = {"input_ids": np.ascontiguousarray(input_ids), "position_ids": np.ascontiguousarray(position_ids),
-                 "attention_mask": np.ascontiguousarray(attention_mask),
-                 "cache_index": np.array([start], dtype="int64")}
-        cache = [buffer for layer in range(self.layers)
-                 for buffer in (shared[2 * layer], shared[2 * layer + 1], own[2 * layer], own[2 * layer + 1])]
-        return self.engine.run(feeds, cache)
 
     def _layout(self, expand: int) -> None:
         """Every decode step's positions [T][N, P, 1] and masks [T][N, 1, 1, K + T] (K = prefix + prompt)."""
@@ -102,3 +93,21 @@ class ExportedStepper:
         last, step = batch["position_ids"][rows][:, :, -1], batch["position_step"][rows]  # (N, P)
         counts = np.arange(1, capacity + 1)[:, None, None]
         self.positions = [model_positions(p[:, :, None]) for p in last[None] + counts * step[None]]
+
+
+def run_step(engine, input_ids, position_ids, attention_mask, start: int, shared: List, own: List) -> np.ndarray:
+    """One call of the step graph: the new tokens' ids [N, q], positions, mask [N, 1, q, K + C] and the slot
+    `start` where their keys and values go; `shared` / `own` hold each layer's key and value buffers in turn."""
+    feeds = {"input_ids": np.ascontiguousarray(input_ids), "position_ids": np.ascontiguousarray(position_ids),
+             "attention_mask": np.ascontiguousarray(attention_mask), "cache_index": np.array([start], dtype="int64")}
+    cache = [buffer for layer in range(len(own) // 2)
+             for buffer in (shared[2 * layer], shared[2 * layer + 1], own[2 * layer], own[2 * layer + 1])]
+    return engine.run(feeds, cache)
+
+
+def prefix_heads(prefix: Optional[np.ndarray], layers: int) -> List[Optional[np.ndarray]]:
+    """A P-Tuning prefix [layers, 2, P, kv_heads, head_dim] as the heads of each layer's key and value buffer,
+    [1, kv_heads, P, head_dim] each (`engine.buffer(shape, head)`); None per buffer without a prefix."""
+    if prefix is None:
+        return [None] * (2 * layers)
+    return [prefix[layer, kind].transpose(1, 0, 2)[None] for layer in range(layers) for kind in (0, 1)]

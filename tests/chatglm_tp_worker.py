@@ -6,18 +6,13 @@ import numpy as np
 
 
 def main(checkpoint: str, output: str) -> None:
-    import paddle.distributed as dist
-    from paddle.distributed import fleet
-
     from paddle_glm.models.chatglm import ChatGLMForCausalLM
+    from paddle_glm.predict import init_tensor_parallel
     from tp_worker import forward_backward
 
-    strategy = fleet.DistributedStrategy()
-    strategy.hybrid_configs = {"dp_degree": 1, "mp_degree": dist.get_world_size(), "pp_degree": 1}
-    fleet.init(is_collective=True, strategy=strategy)
-    rank = fleet.get_hybrid_communicate_group().get_model_parallel_rank()
+    degree, rank = init_tensor_parallel()
     model = ChatGLMForCausalLM.from_pretrained(
-        checkpoint, tensor_parallel_degree=dist.get_world_size(), tensor_parallel_rank=rank)
+        checkpoint, tensor_parallel_degree=degree, tensor_parallel_rank=rank)
     result = forward_backward(model, dict(np.load(f"{checkpoint}/inputs.npz")))
     np.savez(f"{output}/rank{rank}.npz", logits=result["logits"], loss=result["loss"],
              **{f"grad:{k}": v for k, v in result["grads"].items()})

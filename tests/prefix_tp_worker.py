@@ -22,17 +22,11 @@ def run_checks(prefix_model, inputs) -> dict:
 
 
 def main(output: str, *checkpoints: str) -> None:
-    import paddle.distributed as dist
-    from paddle.distributed import fleet
-
     from paddle_glm.models import family_of
     from paddle_glm.prefix import load_prefix
+    from paddle_glm.predict import init_tensor_parallel
 
-    degree = dist.get_world_size()
-    strategy = fleet.DistributedStrategy()
-    strategy.hybrid_configs = {"dp_degree": 1, "mp_degree": degree, "pp_degree": 1}
-    fleet.init(is_collective=True, strategy=strategy)
-    rank = fleet.get_hybrid_communicate_group().get_model_parallel_rank()
+    degree, rank = init_tensor_parallel()
     for checkpoint in checkpoints:
         model = family_of(checkpoint).model_class.from_pretrained(checkpoint, tensor_parallel_degree=degree,
                                                                   tensor_parallel_rank=rank)

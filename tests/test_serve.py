@@ -60,6 +60,23 @@ class Recorder:
         self.event.set()
 
 
+def serve_all(scheduler, requests, timeout: float) -> list:
+    """Submit (example, config) pairs one after another to a started scheduler (later ones arrive while earlier
+    ones decode), wait for every job, stop the scheduler; the finished jobs."""
+    jobs = []
+    try:
+        for example, config in requests:
+            job = Job(example, config, None)
+            job.listener = Recorder(scheduler)
+            scheduler.submit(job)
+            jobs.append(job)
+        for job in jobs:
+            assert job.listener.event.wait(timeout) and job.listener.error is None
+    finally:
+        scheduler.stop()
+    return jobs
+
+
 def decoding(template, index: int) -> DecodingConfig:
     """A mix of settings: greedy and seeded sampling (1-3 samples), penalties, top-k/top-p, lengths 2..12."""
     sampling = index % 2 == 1
@@ -79,19 +96,11 @@ def test_scheduler_batches_requests_without_changing_their_tokens(exported, back
     runner = GLMRunner(exported["dir"], backend)
     template = runner.template()
     scheduler = Scheduler(ExportedBatch(runner), max_batch_size=7, max_queue=100).start()
-    try:
-        jobs = []
-        for index in range(30):
-            text = TEXTS[index % len(TEXTS)] * (1 + index % 3)
-            example = template.generation_example(template.prompt_ids(text, (), runner.config["src_length"])[0])
-            job = Job(example, decoding(template, index), None)
-            job.listener = Recorder(scheduler)
-            scheduler.submit(job)
-            jobs.append(job)
-        for job in jobs:
-            assert job.listener.event.wait(60) and job.listener.error is None
-    finally:
-        scheduler.stop()
+    texts = [TEXTS[index % len(TEXTS)] * (1 + index % 3) for index in range(30)]
+    src_length = runner.config["src_length"]
+    requests = ((template.generation_example(template.prompt_ids(text, (), src_length)[0]), decoding(template, index))
+                for index, text in enumerate(texts))
+    jobs = serve_all(scheduler, requests, timeout=60)
     for job in jobs:
         assert job.sequences == runner.generate([job.example], job.config).sequences
     assert max(max(job.listener.batch_rows) for job in jobs) >= 5  # they were batched together
@@ -115,21 +124,13 @@ def test_scheduler_cancelled_job_leaves_before_the_next_step(runner, template):
 
 def test_scheduler_beam_search_runs_between_steps(runner, template):
     scheduler = Scheduler(ExportedBatch(runner), max_batch_size=4).start()
-    try:
-        jobs = []
-        for index, strategy in enumerate(["sampling", "beam_search", "greedy_search"]):
-            example = template.generation_example(template.prompt_ids(TEXTS[index], ())[0])
-            config = DecodingConfig(eos_token_id=template.stop_ids, pad_token_id=template.pad_id, max_length=10,
-                                    decode_strategy=strategy, num_beams=3 if strategy == "beam_search" else 1,
-                                    num_return_sequences=2 if strategy != "greedy_search" else 1, seed=5,
-                                    tokenizer_size=template.tokenizer_size)
-            jobs.append(Job(example, config, None))
-            jobs[-1].listener = Recorder(scheduler)
-            scheduler.submit(jobs[-1])
-        for job in jobs:
-            assert job.listener.event.wait(30) and job.listener.error is None
-    finally:
-        scheduler.stop()
+    requests = [(template.generation_example(template.prompt_ids(TEXTS[index], ())[0]),
+                 DecodingConfig(eos_token_id=template.stop_ids, pad_token_id=template.pad_id, max_length=10,
+                                decode_strategy=strategy, num_beams=3 if strategy == "beam_search" else 1,
+                                num_return_sequences=2 if strategy != "greedy_search" else 1, seed=5,
+                                tokenizer_size=template.tokenizer_size))
+                for index, strategy in enumerate(["sampling", "beam_search", "greedy_search"])]
+    jobs = serve_all(scheduler, requests, timeout=30)
     for job in jobs:
         assert job.sequences == runner.generate([job.example], job.config).sequences
 

@@ -20,18 +20,13 @@ def forward_backward(model, inputs) -> dict:
 
 
 def main(checkpoint: str, output: str, lora_path: str = None) -> None:
-    import paddle.distributed as dist
-    from paddle.distributed import fleet
-
     from paddle_glm.lora import load_adapter
     from paddle_glm.models.glm import GLMForConditionalGeneration
+    from paddle_glm.predict import init_tensor_parallel
 
-    strategy = fleet.DistributedStrategy()
-    strategy.hybrid_configs = {"dp_degree": 1, "mp_degree": dist.get_world_size(), "pp_degree": 1}
-    fleet.init(is_collective=True, strategy=strategy)
-    rank = fleet.get_hybrid_communicate_group().get_model_parallel_rank()
+    degree, rank = init_tensor_parallel()
     model = GLMForConditionalGeneration.from_pretrained(
-        checkpoint, tensor_parallel_degree=dist.get_world_size(), tensor_parallel_rank=rank)
+        checkpoint, tensor_parallel_degree=degree, tensor_parallel_rank=rank)
     if lora_path:
         model = load_adapter(model, lora_path)
     result = forward_backward(model, dict(np.load(f"{checkpoint}/inputs.npz")))
