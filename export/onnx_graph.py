@@ -15,6 +15,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from paddle_glm.args import InputError
+
 __all__ = ["finish_onnx", "QUANT_BITS", "GROUP_SIZE"]
 
 QUANT_BITS = {"weight_only_int8": 8, "weight_only_int4": 4}
@@ -110,7 +112,11 @@ def _quantize(model, quant: str):
     (VNNI/AMX dot products). Only the weights are stored quantized; at the default level (float32 compute) ONNX
     Runtime 1.32 has no fast int8 kernel on CPU (15x slower than float32 on glm-large's shape, bench_infer.py),
     and on the demo's dev set level 4 loses no more (see README)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as error:  # onnxruntime.quantization imports ml_dtypes, which onnxruntime does not require
+        raise InputError(f"--quant {quant} needs ONNX Runtime's quantization tools ({error}): "
+                         "pip install -e '.[onnx]'") from None
 
     quantizer = MatMulNBitsQuantizer(model, bits=QUANT_BITS[quant], block_size=GROUP_SIZE, is_symmetric=True,
                                      accuracy_level=ACCURACY_LEVEL)
