@@ -378,3 +378,49 @@ def test_chatglm3_export_serves_chat_with_its_template(tmp_path):
     assert [c.message.content for c in sampled.choices] == reference(
         runner, template, "北京在哪里？", history, max_length=8, decode_strategy="sampling", seed=3,
         num_return_sequences=2)
+
+
+@pytest.mark.parametrize("budget,first_rows", [(512, [3, 3, 3]), (1, [1, 2, 3])])
+def test_prefill_budget_bounds_the_prompts_joining_between_two_steps(runner, template, budget, first_rows):
+    """Three queued prompts join together within the default budget; with a budget of one token, one prompt a round
+    (at least one always joins): the batch each job's first token sees grows 1, 2, 3."""
+    scheduler = Scheduler(ExportedBatch(runner), max_batch_size=4, prefill_tokens=budget)
+    config = DecodingConfig(eos_token_id=template.tokenizer_size + 5, pad_token_id=template.pad_id, max_length=6)
+    jobs = [Job(template.generation_example(template.prompt_ids(text, ())[0]), config, None) for text in TEXTS[:3]]
+    for job in jobs:
+        job.listener = Recorder(scheduler)
+        scheduler.submit(job)  # all queued before the loop starts
+    scheduler.start()
+    try:
+        assert all(job.listener.event.wait(30) and job.listener.error is None for job in jobs)
+    finally:
+        scheduler.stop()
+    assert [job.listener.batch_rows[0] for job in jobs] == first_rows
+
+
+def test_model_prefix_served_name_and_chat_without_history(exported, runner, template):
+    """--model_path DIR --model_prefix P serves DIR/P under --served_model_name; --chat_history false answers the
+    last user message alone (GLM's question-generation models), --max_prefill_tokens reaches the scheduler."""
+    from infer.server import Service, parse_arguments
+
+    parent, prefix = os.path.split(exported["dir"].rstrip("/"))
+    flags = ["--model_path", parent, "--model_prefix", prefix, "--served_model_name", "qg", "--chat_history", "false"]
+    url, stop = serve_in_background(flags)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert [model.id for model in client.models.list().data] == ["qg"]
+        messages = [{"role": "user", "content": TEXTS[0]}, {"role": "assistant", "content": "好的"},
+                    {"role": "user", "content": TEXTS[3]}]
+        answer = client.chat.completions.create(model="qg", messages=messages, max_tokens=8, temperature=0)
+        assert answer.choices[0].message.content == reference(runner, template, TEXTS[3], max_length=8)[0]
+        assert answer.choices[0].message.content != reference(runner, template, TEXTS[3], [(TEXTS[0], "好的")],
+                                                              max_length=8)[0]
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="export", messages=messages, max_tokens=8, temperature=0)
+    finally:
+        stop()
+    service = Service(parse_arguments(["--model_path", exported["dir"], "--max_prefill_tokens", "7"]))
+    try:
+        assert service.scheduler.prefill_tokens == 7
+    finally:
+        service.close()
