@@ -17,6 +17,7 @@ from paddlenlp.peft import LoRAConfig
 from paddlenlp.transformers import AutoTokenizer
 
 from conftest import SHARED_ASSETS
+from test_fastdeploy import fastdeploy_decode
 from test_parallel import launch
 from paddle_glm.args import GenerationArguments
 from paddle_glm.data import tokenize_pairs
@@ -35,7 +36,6 @@ from tasks import belle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_MODEL = os.path.join(SHARED_ASSETS, "chatglm3-tokenizer.model")
-FASTDEPLOY_PYTHON = os.environ.get("PADDLE_GLM_FASTDEPLOY_PYTHON", os.path.join(ROOT, ".venv-fastdeploy", "bin", "python"))
 pytestmark = [
     pytest.mark.skipif(not os.path.isfile(TOKENIZER_MODEL),
                        reason=f"needs ChatGLM2/3's real sentencepiece model at {TOKENIZER_MODEL} (../shared/assets)"),
@@ -455,16 +455,8 @@ def test_runner_tokens_equal_dynamic_graph(chat, exported, backend):
 
 
 def test_fastdeploy_runner_tokens_equal_dynamic_graph(chat, exported):
-    if not os.path.isfile(FASTDEPLOY_PYTHON):
-        pytest.skip(f"no FastDeploy environment at {FASTDEPLOY_PYTHON}: fastdeploy-python 1.0.7 needs Python <= 3.10")
     template, prompts, configs = _runner_case(exported)
-    batch = generation_batch(prompts, template.pad_id)
-    job = {"export_dir": exported, "configs": configs, "batch": {k: v.tolist() for k, v in batch.items()},
-           "dtypes": {k: str(v.dtype) for k, v in batch.items()}}
-    done = subprocess.run([FASTDEPLOY_PYTHON, os.path.join(ROOT, "tests", "fastdeploy_worker.py")], input=json.dumps(job),
-                          capture_output=True, text=True, timeout=280, env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    answer = fastdeploy_decode(exported, generation_batch(prompts, template.pad_id), configs)
     model = load_with_adapter(chat["as_chatglm2"], chat["lora"])
     for name, settings in configs.items():
         assert answer["sequences"][name] == generate(model, prompts, DecodingConfig(**settings)).sequences, name
