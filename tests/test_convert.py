@@ -256,7 +256,7 @@ def test_dtype_float16_casts_a_float32_source(reference, torch, tmp_path):
 def test_shape_flags_override_what_the_tensors_show(reference, torch, tmp_path):
     """--vocab_size (any shape flag) is the model's: a checkpoint that does not have it is refused, naming both."""
     source = write_thudm(tmp_path / "thudm", [reference["state"]], torch)
-    _fails(["--from", "thudm", source, tmp_path / "out", *SHAPE_FLAGS, "--vocab_size", 2 * VOCAB],
+    conversion_refused(["--from", "thudm", source, tmp_path / "out", *SHAPE_FLAGS, "--vocab_size", 2 * VOCAB],
            "word_embeddings.weight", f"[{VOCAB}, {HIDDEN}]", f"[{2 * VOCAB}, {HIDDEN}]")
     main(["--from", "thudm", source, str(tmp_path / "same"), *SHAPE_FLAGS, "--vocab_size", str(VOCAB)])
     assert json.loads((tmp_path / "same" / "config.json").read_text())["vocab_size"] == VOCAB
@@ -291,7 +291,8 @@ def test_tokenizer_found_next_to_the_source_or_given(reference, torch, tmp_path)
 
 # ------------------------------------------------------------------------------------------- refusals
 
-def _fails(argv, *fragments):
+def conversion_refused(argv, *fragments) -> str:
+    """Run `python -m paddle_glm.convert argv...`, expect it to stop with a message holding every fragment."""
     with pytest.raises(SystemExit) as caught:
         main([str(a) for a in argv])
     message = str(caught.value.code)
@@ -304,18 +305,18 @@ def test_truncated_file_is_named(reference, torch, tmp_path):
     source = write_thudm(tmp_path / "thudm", reference["ref"].split_model_parallel(reference["state"], 2), torch)
     rank1 = tmp_path / "thudm" / "3000" / "mp_rank_01_model_states.pt"
     rank1.write_bytes(rank1.read_bytes()[: rank1.stat().st_size // 2])
-    _fails(["--from", "thudm", source, tmp_path / "out", *SHAPE_FLAGS], rank1, "unreadable")
+    conversion_refused(["--from", "thudm", source, tmp_path / "out", *SHAPE_FLAGS], rank1, "unreadable")
     hf = write_hf(tmp_path / "hf", reference["state"], torch, "safetensors")
     weights = tmp_path / "hf" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    _fails(["--from", "hf", hf, tmp_path / "out2"], weights, "unreadable")
+    conversion_refused(["--from", "hf", hf, tmp_path / "out2"], weights, "unreadable")
 
 
 def test_missing_tensor_is_named_with_its_rank_file(reference, torch, tmp_path):
     shards = reference["ref"].split_model_parallel(reference["state"], 2)
     del shards[1]["transformer.layers.1.mlp.dense_h_to_4h.bias"]
     source = write_thudm(tmp_path / "thudm", shards, torch)
-    _fails(["--from", "thudm", source, tmp_path / "out", *SHAPE_FLAGS],
+    conversion_refused(["--from", "thudm", source, tmp_path / "out", *SHAPE_FLAGS],
            "mp_rank_01_model_states.pt", "missing", "transformer.layers.1.mlp.dense_h_to_4h.bias")
     assert not (tmp_path / "out").exists()
 
@@ -323,28 +324,28 @@ def test_missing_tensor_is_named_with_its_rank_file(reference, torch, tmp_path):
 def test_wrong_shapes_are_named_with_file_and_tensor(reference, torch, tmp_path):
     # A preset that does not fit the checkpoint: glm-large-chinese's 24 layers, its vocabulary and hidden size.
     source = write_thudm(tmp_path / "thudm", [reference["state"]], torch)
-    _fails(["--from", "thudm", source, tmp_path / "out", "--preset", "glm-large-chinese"],
+    conversion_refused(["--from", "thudm", source, tmp_path / "out", "--preset", "glm-large-chinese"],
            "mp_rank_00_model_states.pt", "missing", "24-layer", "transformer.layers.2.input_layernorm.weight")
-    _fails(["--from", "thudm", source, tmp_path / "out", "--preset", "glm-large-chinese", "--num_layers", LAYERS],
+    conversion_refused(["--from", "thudm", source, tmp_path / "out", "--preset", "glm-large-chinese", "--num_layers", LAYERS],
            "mp_rank_00_model_states.pt", "word_embeddings.weight", "[64, 32]", "[50048, 1024]")
     # One rank's slice of the wrong size.
     shards = reference["ref"].split_model_parallel(reference["state"], 2)
     dense = "transformer.layers.0.attention.dense.weight"
     shards[1][dense] = shards[1][dense][:, :-1].clone()
     source = write_thudm(tmp_path / "thudm2", shards, torch)
-    _fails(["--from", "thudm", source, tmp_path / "out", *SHAPE_FLAGS], "mp_rank_01_model_states.pt", dense,
+    conversion_refused(["--from", "thudm", source, tmp_path / "out", *SHAPE_FLAGS], "mp_rank_01_model_states.pt", dense,
            "[32, 15]", "[32, 16]")
     # A Hugging Face tensor that contradicts its config.json.
     state = dict(reference["state"], **{"transformer.layers.1.mlp.dense_4h_to_h.weight": torch.zeros(HIDDEN, 100)})
     hf = write_hf(tmp_path / "hf", state, torch, "safetensors")
-    _fails(["--from", "hf", hf, tmp_path / "out", "--max_shard_size", "20KB"], tmp_path / "hf" / "model.safetensors",
+    conversion_refused(["--from", "hf", hf, tmp_path / "out", "--max_shard_size", "20KB"], tmp_path / "hf" / "model.safetensors",
            "transformer.layers.1.mlp.dense_4h_to_h.weight", "[32, 100]", "[32, 128]")
     assert os.listdir(tmp_path / "out") == []  # the shards written before the bad tensor are removed
 
 
 def test_thudm_needs_the_head_count(reference, torch, tmp_path):
     source = write_thudm(tmp_path / "thudm", [reference["state"]], torch)
-    _fails(["--from", "thudm", source, tmp_path / "out"], "--num_attention_heads", "--preset")
+    conversion_refused(["--from", "thudm", source, tmp_path / "out"], "--num_attention_heads", "--preset")
 
 
 def test_checkpoint_that_would_run_code_is_refused_without_running_it(reference, torch, tmp_path):
@@ -355,14 +356,14 @@ def test_checkpoint_that_would_run_code_is_refused_without_running_it(reference,
             return (os.system, (f"touch {marker}",))
 
     source = write_thudm(tmp_path / "thudm", [reference["state"]], torch, extra={"payload": Payload()})
-    _fails(["--from", "thudm", source, tmp_path / "out", *SHAPE_FLAGS], "mp_rank_00_model_states.pt", "system")
+    conversion_refused(["--from", "thudm", source, tmp_path / "out", *SHAPE_FLAGS], "mp_rank_00_model_states.pt", "system")
     assert not marker.exists()
 
 
 def test_output_with_weights_is_not_mixed_with_new_ones(tmp_path):
     source = _paddle_checkpoint(tmp_path / "ours")
     main(["--from", "paddle", source, str(tmp_path / "out"), "--format", "pdparams"])
-    _fails(["--from", "paddle", source, tmp_path / "out"], "model_state.pdparams", "--overwrite")
+    conversion_refused(["--from", "paddle", source, tmp_path / "out"], "model_state.pdparams", "--overwrite")
     main(["--from", "paddle", source, str(tmp_path / "out"), "--overwrite"])
     assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
 

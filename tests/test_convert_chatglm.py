@@ -17,6 +17,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from paddle_glm.convert import main
+from test_convert import conversion_refused
 from paddle_glm.models import load_template, load_tokenizer
 from paddle_glm.models.chatglm import ChatGLMForCausalLM
 from paddle_glm.models.chatglm2 import ChatGLMv2ForCausalLM
@@ -129,15 +130,6 @@ def chatglm2():
     return thudm2.random_thudm_state(SPEC, seed=1)
 
 
-def _fails(argv, *fragments) -> str:
-    with pytest.raises(SystemExit) as caught:
-        main([str(a) for a in argv])
-    message = str(caught.value.code)
-    for fragment in fragments:
-        assert str(fragment) in message, message
-    return message
-
-
 # ------------------------------------------------------------------------------------------- ChatGLM-6B
 
 @pytest.mark.parametrize("wrapped", [True, False])
@@ -191,7 +183,7 @@ def test_chatglm6b_modified_rotary_buffer_is_refused(chatglm6b, tmp_path):
     state = dict(chatglm6b, **{"transformer.layers.1.attention.rotary_emb.inv_freq":
                                chatglm6b["transformer.layers.1.attention.rotary_emb.inv_freq"] * 2})
     source = write_release(tmp_path / "hf", state, CHATGLM6B_CONFIG, "bin", shards=2)
-    _fails(["--from", "hf", source, tmp_path / "out"], "pytorch_model-00002-of-00002.bin",
+    conversion_refused(["--from", "hf", source, tmp_path / "out"], "pytorch_model-00002-of-00002.bin",
            "transformer.layers.1.attention.rotary_emb.inv_freq", "differs")
 
 
@@ -354,24 +346,24 @@ def test_quantized_releases_are_refused(chatglm2, tmp_path):
     quantized[weight] = torch.randint(-8, 8, quantized[weight].shape, dtype=torch.int8)
     quantized[weight + "_scale"] = torch.ones(quantized[weight].shape[0], dtype=torch.float16)
     source = write_release(tmp_path / "int4", quantized, chatglm2_config(quantization_bit=4), "bin")
-    _fails(["--from", "hf", source, tmp_path / "out"], "config.json", "quantization_bit 4", "chatglm2-6b-int4",
+    conversion_refused(["--from", "hf", source, tmp_path / "out"], "config.json", "quantization_bit 4", "chatglm2-6b-int4",
            "float16 release")
     # weights quantized without the config saying so: the *_scale tensors name them
     source = write_release(tmp_path / "unsaid", quantized, chatglm2_config(), "bin")
-    _fails(["--from", "hf", source, tmp_path / "out"], "pytorch_model.bin", weight + "_scale", "quantized")
+    conversion_refused(["--from", "hf", source, tmp_path / "out"], "pytorch_model.bin", weight + "_scale", "quantized")
     assert not (tmp_path / "out").exists()
 
 
 def test_unknown_chatglm_config_and_mismatched_weights_are_named(chatglm2, chatglm6b, tmp_path):
     # ChatGLM2 weights under a ChatGLM-6B config.json: every tensor is unexpected
     source = write_release(tmp_path / "mixed", chatglm2, CHATGLM6B_CONFIG, "safetensors")
-    _fails(["--from", "hf", source, tmp_path / "out"], "model.safetensors", "missing",
+    conversion_refused(["--from", "hf", source, tmp_path / "out"], "model.safetensors", "missing",
            "transformer.layers.0.attention.query_key_value.weight")
     # settings our model does not implement are refused with the model's own reason
     source = write_release(tmp_path / "ptuning", chatglm6b, dict(CHATGLM6B_CONFIG, pre_seq_len=8), "bin")
-    _fails(["--from", "hf", source, tmp_path / "out"], "config.json", "pre_seq_len")
+    conversion_refused(["--from", "hf", source, tmp_path / "out"], "config.json", "pre_seq_len")
     source = write_release(tmp_path / "mha", chatglm2, chatglm2_config(multi_query_attention=False), "bin")
-    _fails(["--from", "hf", source, tmp_path / "out"], "config.json", "multi_query_attention")
+    conversion_refused(["--from", "hf", source, tmp_path / "out"], "config.json", "multi_query_attention")
 
 
 # ------------------------------------------------------------------------------------------------ memory
