@@ -178,7 +178,12 @@ class OnnxRuntimeEngine:
                 + [helper.make_tensor_value_info(f"x{i}", element, None) for i in range(count)],
                 [helper.make_tensor_value_info(f"y{i}", element, None) for i in range(count)])
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-            self._gathers[count] = self.ort.InferenceSession(model.SerializeToString(),
+            # One thread that never spins: a second session's pool spinning after each gather takes the cores from
+            # the step graph's threads (on 2 cores the next step ran ~25 ms slower; bench/bench_infer.py, 5 beams).
+            options = self.ort.SessionOptions()
+            options.intra_op_num_threads = options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self._gathers[count] = self.ort.InferenceSession(model.SerializeToString(), options,
                                                              providers=self.session.get_providers())
         return self._gathers[count]
 

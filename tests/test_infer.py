@@ -83,6 +83,22 @@ def test_onnxruntime_runner_agrees_with_paddle_inference(exported):
         assert onnx_runner.generate(prompts, config).sequences == paddle_runner.generate(prompts, config).sequences
 
 
+def test_onnxruntime_beam_reordering_gathers_rows_on_one_quiet_thread(exported):
+    """Rows come back in `index` order; the gather session runs on the caller's thread without spinning: a second
+    thread pool spinning after each reorder took the cores from the step graph (5-beam steps ~1.7x slower on 2
+    cores, bench/bench_infer.py)."""
+    runner = GLMRunner(exported["dir"], backend="onnxruntime", cpu_threads=2)
+    engine = runner.engine
+    arrays = [np.random.default_rng(i).random((4, 2, 3, 5), dtype=np.float32) for i in range(3)]
+    index = np.array([2, 2, 0, 3])
+    gathered = engine.gather([engine.buffer(list(a.shape), a) for a in arrays], index)
+    for array, rows in zip(arrays, gathered):
+        np.testing.assert_array_equal(rows.numpy(), array[index])
+    session = engine._gather_session(len(arrays))
+    assert session.get_session_options().intra_op_num_threads == 1
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_decoding_settings_are_chosen_at_run_time(exported, tmp_path):
     def run(*flags):
         output = tmp_path / "out.json"
