@@ -45,6 +45,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--clients", default="1,4,16,64", help="concurrent clients per row (comma-separated)")
     parser.add_argument("--requests_per_client", type=int, default=2, help="requests each client sends in turn")
     parser.add_argument("--new_tokens", type=int, default=24, help="tokens generated per request")
+    parser.add_argument("--backend", choices=("paddle", "onnxruntime"), default="onnxruntime",
+                        help="the engine of both servers (onnxruntime batches rows best on CPU: bench_infer.py)")
     parser.add_argument("--smoke", action="store_true", help="the tiny model, 1 and 4 clients, 4 tokens: seconds")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -54,7 +56,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------------------- the exports
 
-def demo_export(root: str, new_tokens: int) -> Tuple[str, str]:
+def demo_export(root: str, new_tokens: int, backend: str) -> Tuple[str, str]:
     """(directory, label): the demo's export if it is current, else the demo's tiny GLM (random weights)."""
     from export.exporter import EXPORT_FORMAT_VERSION
 
@@ -62,7 +64,8 @@ def demo_export(root: str, new_tokens: int) -> Tuple[str, str]:
     if os.path.isfile(config):
         with open(config, encoding="utf-8") as handle:
             exported = json.load(handle)
-        if exported.get("format_version") == EXPORT_FORMAT_VERSION and exported["tgt_length"] >= new_tokens:
+        current = exported.get("format_version") == EXPORT_FORMAT_VERSION and exported["tgt_length"] >= new_tokens
+        if current and (backend == "paddle" or os.path.isfile(os.path.join(DEMO_EXPORT, "step.onnx"))):
             return DEMO_EXPORT, "demo export"
     from export.exporter import main as export
     from paddle_glm.demo import build_demo_model
@@ -72,11 +75,11 @@ def demo_export(root: str, new_tokens: int) -> Tuple[str, str]:
     build_demo_model(os.path.join(root, "base"), splits["train"], seed=0)
     directory = os.path.join(root, "demo")
     export(["--model_name_or_path", os.path.join(root, "base"), "--output_path", directory,
-            "--tgt_length", str(max(new_tokens, 12))])
+            "--tgt_length", str(max(new_tokens, 12))] + (["--onnx"] if backend != "paddle" else []))
     return directory, "demo-shaped GLM (random weights)"
 
 
-def large_export(root: str, new_tokens: int) -> Tuple[str, str]:
+def large_export(root: str, new_tokens: int, backend: str) -> Tuple[str, str]:
     """A 2-layer glm-large-chinese-shaped GLM with random weights (bench_infer's), exported with a GLM tokenizer."""
     from bench_infer import build_model
 
@@ -87,13 +90,14 @@ def large_export(root: str, new_tokens: int) -> Tuple[str, str]:
         raise SystemExit(f"--models large needs the GLM sentencepiece model at {COG_MODEL} (../shared/assets)")
     directory = os.path.join(root, "large")
     template = GLMTemplate(tokenizer_from_sentencepiece(COG_MODEL))
-    export_generation_model(build_model(2, 1024, 16), template, directory, "float32", 256, max(new_tokens, 32))
+    export_generation_model(build_model(2, 1024, 16), template, directory, "float32", 256, max(new_tokens, 32),
+                            onnx=backend != "paddle")
     return directory, "glm-large shape, 2 layers"
 
 
 # ---------------------------------------------------------------------------------------------------- the clients
 
-def start_server(export_dir: str, max_batch_size: int, log_path: str) -> Tuple[subprocess.Popen, str]:
+def start_server(export_dir: str, backend: str, max_batch_size: int, log_path: str) -> Tuple[subprocess.Popen, str]:
     import httpx
 
     with socket.socket() as probe:
@@ -101,7 +105,8 @@ def start_server(export_dir: str, max_batch_size: int, log_path: str) -> Tuple[s
         port = probe.getsockname()[1]
     log = open(log_path, "w", encoding="utf-8")
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve_generation.py"), "--model_path",
-                                export_dir, "--port", str(port), "--max_batch_size", str(max_batch_size),
+                                export_dir, "--backend", backend, "--port", str(port), "--max_batch_size",
+                                str(max_batch_size),
                                 "--max_queue", "1024", "--request_timeout", "3600"],
                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -160,7 +165,7 @@ def bench_model(export_dir: str, label: str, args, root: str) -> Dict[Tuple[str,
     levels = [int(c) for c in args.clients.split(",")]
     rows = {}
     for mode, batch in (("one at a time", 1), ("continuous batching", max(levels))):
-        process, url = start_server(export_dir, batch, os.path.join(root, f"server-{batch}.log"))
+        process, url = start_server(export_dir, args.backend, batch, os.path.join(root, f"server-{batch}.log"))
         try:
             asyncio.run(run_level(url, 1, 1, args.new_tokens))  # warm-up
             for clients in levels:
@@ -179,9 +184,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     root = tempfile.mkdtemp(prefix="glm-bench-serve-")
     builders = {"demo": demo_export, "large": large_export}
-    exports = [builders[name](root, args.new_tokens) for name in args.models.split(",") if name]
+    exports = [builders[name](root, args.new_tokens, args.backend) for name in args.models.split(",") if name]
     print(f"\n{args.new_tokens} new tokens per request (sampled, streamed), {args.requests_per_client} request(s) per "
-          f"client; CPU ({os.cpu_count()} cores, shared by server and clients)\n"
+          f"client; --backend {args.backend}; CPU ({os.cpu_count()} cores, shared by server and clients)\n"
           "| model | serving | clients | tokens/s | requests/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
           "ITL p99 ms |\n|---|---|---|---|---|---|---|---|---|")
     summary = []

@@ -202,13 +202,41 @@ def _sampler(config: DecodingConfig) -> Callable[[np.ndarray], np.ndarray]:
     rng = np.random.default_rng(config.seed)
 
     def choose(scores: np.ndarray) -> np.ndarray:
-        probs = np.exp(_log_softmax(scores.astype(np.float64) / config.temperature))
-        probs = _top_p(_top_k(probs, config.top_k), config.top_p)
-        cumulative = np.cumsum(probs, axis=-1)  # unnormalised: the draw below scales by the kept mass
-        draws = rng.random(len(probs))[:, None] * cumulative[:, -1:]
-        return (cumulative <= draws).sum(axis=-1)  # first token whose cumulative mass exceeds the draw
+        weights = _sampling_weights(scores, config)
+        return np.array([_draw(row, u) for row, u in zip(weights, rng.random(len(weights)))])
 
     return choose
+
+
+def _draw(weights: np.ndarray, u: float, block: int = 512) -> int:
+    """The first token whose cumulative weight exceeds u times the total weight (u in [0, 1)).
+
+    A cumulative sum over 50k float64 weights is sequential, the slowest pass of a sampling step: the sums of
+    512-token blocks find the block, a cumulative sum inside it the token.
+    """
+    edges = np.cumsum(np.add.reduceat(weights, np.arange(0, len(weights), block)))
+    draw = u * edges[-1]
+    index = min(int(np.searchsorted(edges, draw, side="right")), len(edges) - 1)
+    inside = weights[index * block:(index + 1) * block]
+    position = int(np.searchsorted((edges[index - 1] if index else 0.0) + np.cumsum(inside), draw, side="right"))
+    if position == len(inside):  # the draw fell in the rounding between the two sums: the block's last token drawn
+        position = int(np.flatnonzero(inside)[-1])
+    return index * block + position
+
+
+def _sampling_weights(scores: np.ndarray, config: DecodingConfig) -> np.ndarray:
+    """softmax(scores / temperature) up to a factor per row (a draw scales by the kept mass, so the weights need
+    no normalising pass), top-k and top-p applied; float64, so that the cumulative sum over 50k tokens is exact
+    enough. A server samples every row of its batch with this at every step: each pass over [rows, V] counts."""
+    weights = np.subtract(scores, scores.max(axis=-1, keepdims=True), dtype=np.float64)
+    if config.temperature != 1.0:
+        weights /= config.temperature
+    np.exp(weights, out=weights)
+    if config.top_p >= 1.0:
+        return _top_k(weights, config.top_k)
+    # As in PaddleNLP, top-p measures the mass of the full distribution, not the one renormalised after top-k.
+    mass = config.top_p * weights.sum(axis=-1)
+    return _top_p(_top_k(weights, config.top_k), mass)
 
 
 def _top_k(probs: np.ndarray, k: int) -> np.ndarray:
@@ -219,19 +247,29 @@ def _top_k(probs: np.ndarray, k: int) -> np.ndarray:
     return np.where(probs >= kth, probs, 0.0)
 
 
-def _top_p(probs: np.ndarray, p: float) -> np.ndarray:
-    """Keep the smallest set of most probable tokens whose mass reaches p (at least one); p=1 keeps all.
+def _top_p(weights: np.ndarray, mass: np.ndarray, candidates: int = 256) -> np.ndarray:
+    """Keep each row's smallest set of most probable tokens whose weight reaches `mass` [N] (at least one token).
 
-    As in PaddleNLP the mass is that of the full distribution, not renormalised after top-k.
+    Sorting 50k weights per row per step would cost milliseconds; the nucleus almost always lies among the few
+    hundred largest, so those (with every tie of the smallest of them) are sorted first, and the search widens
+    only when their weight falls short. Same order and sums as a stable sort of the whole row.
     """
-    if p >= 1.0:
-        return probs
-    order = np.argsort(-probs, axis=-1, kind="stable")
-    ranked = np.take_along_axis(probs, order, axis=-1)
-    mass_before = np.cumsum(ranked, axis=-1) - ranked
-    keep = np.zeros(probs.shape, dtype=bool)
-    np.put_along_axis(keep, order, mass_before < p, axis=-1)
-    return np.where(keep, probs, 0.0)
+    kept = np.zeros_like(weights)
+    for row, (w, reach) in enumerate(zip(weights, mass)):
+        count = candidates
+        while True:
+            if count >= len(w):
+                order = np.argsort(-w, kind="stable")
+            else:
+                top = np.flatnonzero(w >= np.partition(w, -count)[-count])
+                order = top[np.argsort(-w[top], kind="stable")]
+            ranked = w[order]
+            keep = np.cumsum(ranked) - ranked < reach
+            if not keep[-1] or len(order) == len(w):
+                break  # the set ends among these candidates
+            count *= 8
+        kept[row, order[keep]] = ranked[keep]
+    return kept
 
 
 def _prefill(stepper: Stepper, batch_size: int, expand: int) -> np.ndarray:

@@ -10,6 +10,7 @@ from typing import Callable, List, Sequence
 import numpy as np
 import pytest
 
+from paddle_glm import decoding
 from paddle_glm.decoding import DecodingConfig, GenerationResult, generate
 
 V, PAD, EOS = 12, 10, 11
@@ -373,6 +374,46 @@ def test_sampling_top_p_keeps_smallest_set_reaching_p():
     first = np.array([seq[0] for seq in result.sequences])
     assert set(first.tolist()) == {0, 1}
     assert abs(np.mean(first == 0) - probs[0] / (probs[0] + probs[1])) < 0.03
+
+
+def _reference_sampler(config, seed):
+    """The sampler written the plain way: normalised float64 probabilities, top-k, top-p over a stable sort of the
+    whole row, the first token whose cumulative probability exceeds a uniform draw of the kept mass."""
+    rng = np.random.default_rng(seed)
+
+    def choose(scores):
+        shifted = scores.astype(np.float64) / config.temperature
+        shifted -= shifted.max(axis=-1, keepdims=True)
+        probs = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
+        if 0 < config.top_k < probs.shape[-1]:
+            probs = np.where(probs >= np.sort(probs, axis=-1)[:, [-config.top_k]], probs, 0.0)
+        if config.top_p < 1.0:
+            order = np.argsort(-probs, axis=-1, kind="stable")
+            ranked = np.take_along_axis(probs, order, axis=-1)
+            keep = np.zeros(probs.shape, dtype=bool)
+            np.put_along_axis(keep, order, np.cumsum(ranked, axis=-1) - ranked < config.top_p, axis=-1)
+            probs = np.where(keep, probs, 0.0)
+        cumulative = np.cumsum(probs, axis=-1)
+        return (cumulative <= rng.random(len(probs))[:, None] * cumulative[:, -1:]).sum(axis=-1)
+
+    return choose
+
+
+def test_sampler_draws_the_tokens_of_a_plain_implementation():
+    """Over a 50k vocabulary: peaked, flat (a nucleus of thousands of tokens: the partial sort must widen) and tied
+    logits, with temperature, top-k and top-p; the same seeded draws pick the same tokens."""
+    rng = np.random.default_rng(5)
+    cases = 0
+    for scale in (0.05, 1.0, 6.0):
+        for temperature, top_k, top_p in ((1.0, 0, 1.0), (0.7, 0, 0.9), (1.3, 50, 0.8), (1.0, 0, 0.999),
+                                          (1.0, 5, 1.0), (0.9, 0, 0.5)):
+            scores = (rng.normal(0.0, scale, (3, 50048)) * 4).round() / 4  # many ties
+            config = DecodingConfig(eos_token_id=EOS, pad_token_id=PAD, decode_strategy="sampling",
+                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=cases)
+            ours, reference = decoding.chooser(config), _reference_sampler(config, cases)
+            for _ in range(4):
+                np.testing.assert_array_equal(ours(scores.astype(np.float32)), reference(scores.astype(np.float32)))
+            cases += 1
 
 
 # ---------------------------------------------------------------- config validation
