@@ -214,9 +214,11 @@ def _draw(weights: np.ndarray, u: float, block: int = 512) -> int:
     A cumulative sum over 50k float64 weights is sequential, the slowest pass of a sampling step: the sums of
     512-token blocks find the block, a cumulative sum inside it the token.
     """
-    edges = np.cumsum(np.add.reduceat(weights, np.arange(0, len(weights), block)))
+    sums = np.add.reduceat(weights, np.arange(0, len(weights), block))
+    edges = np.cumsum(sums)
     draw = u * edges[-1]
-    index = min(int(np.searchsorted(edges, draw, side="right")), len(edges) - 1)
+    # the first block whose edge exceeds the draw; the last block with weight if rounding put the draw at the end
+    index = min(int(np.searchsorted(edges, draw, side="right")), int(np.flatnonzero(sums)[-1]))
     inside = weights[index * block:(index + 1) * block]
     position = int(np.searchsorted((edges[index - 1] if index else 0.0) + np.cumsum(inside), draw, side="right"))
     if position == len(inside):  # the draw fell in the rounding between the two sums: the block's last token drawn

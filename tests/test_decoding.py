@@ -416,6 +416,14 @@ def test_sampler_draws_the_tokens_of_a_plain_implementation():
             cases += 1
 
 
+def test_draw_lands_on_a_token_with_weight_at_both_ends():
+    """Hand-worked: weight 1 on tokens 0..599 of 50048 -> u = 0.5 draws token 300 (the first whose cumulative weight
+    exceeds 300); u just below 1 draws 599, never a token of the empty blocks after it."""
+    weights = np.zeros(50048)
+    weights[:600] = 1.0
+    assert [decoding._draw(weights, u) for u in (0.0, 0.5, np.nextafter(1.0, 0.0))] == [0, 300, 599]
+
+
 # ---------------------------------------------------------------- config validation
 
 
