@@ -33,6 +33,7 @@ sys.path.insert(0, ROOT)
 from paddle_glm.data import write_json_lines  # noqa: E402
 from paddle_glm.demo import build_demo_model  # noqa: E402
 from paddle_glm.flops import linear_weights, matmul_peak, step_flops  # noqa: E402
+from paddle_glm.host_memory import keep_freed_memory  # noqa: E402
 from paddle_glm.inputs import Collator  # noqa: E402
 from paddle_glm.logs import configure as configure_logs  # noqa: E402
 from paddle_glm.models.glm import GLMConfig, GLMForConditionalGeneration, tokenizer_from_sentencepiece  # noqa: E402
@@ -134,6 +135,7 @@ def main() -> None:
     args = parse_args()
     configure_logs([])
     paddle.set_device("cpu")
+    keep_freed_memory()  # as the CLIs do on CPU; a process setting, so a reference timed here runs with it too
     workers = [int(w) for w in args.workers.split(",")]
     peaks = [matmul_peak(2048)]
     with tempfile.TemporaryDirectory() as root:

@@ -44,6 +44,7 @@ from paddlenlp.transformers import GLMForConditionalGeneration as PaddleNLPGLM
 from paddlenlp.utils.log import logger
 
 from paddle_glm.demo import DEMO_MODEL_CONFIG
+from paddle_glm.host_memory import keep_freed_memory
 from paddle_glm.inputs import Collator
 from paddle_glm.models.glm import GLMSpecialIds, GLMTemplate, padded_training_example
 from paddle_glm.models.glm import GLMForConditionalGeneration
@@ -460,6 +461,7 @@ def main() -> None:
     args = parse_args()
     logger.set_level("WARNING")
     paddle.set_device("cpu")
+    keep_freed_memory()  # as the CLIs do on CPU; a process setting, so a reference timed here runs with it too
     if args.threads:
         paddle.base.core.set_num_threads(args.threads)
     args.threads = args.threads or paddle.get_flags(["FLAGS_paddle_num_threads"])["FLAGS_paddle_num_threads"]

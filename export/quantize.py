@@ -53,7 +53,7 @@ def weight_only_paddle(model: nn.Layer, quant: str, arch: int) -> int:
     replaced = 0
     for parent in [model] + list(model.sublayers()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:  # not the tensor-parallel subclasses: an export is one rank's model
+            if isinstance(child, nn.Linear):  # ours (`paddle_glm.linear`) too; an export holds no tensor-parallel ones
                 setattr(parent, name, WeightOnlyLinear(child, quant, arch))
                 replaced += 1
     return replaced

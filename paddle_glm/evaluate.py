@@ -34,6 +34,7 @@ from .data import DataError
 from .eval_data import Item
 from .eval_report import ItemResult, print_table, summarize, write_results
 from .eval_tasks import TASKS, EvalTask, get_task, prompt_text
+from .host_memory import keep_freed_memory
 from .logs import configure as configure_logs, logger
 from .models import family_of
 from .models.family import Template
@@ -193,6 +194,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = PdArgumentParser(EvaluateArguments, description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     paddle.set_device(args.device or default_device())
+    keep_freed_memory(paddle.get_device())
     model_args = model_arguments(args)
     task = get_task(args.task)
     items, shots = load_items(task, args)

@@ -21,6 +21,7 @@ from .args import (
 from .curves import CURVES_NAME, plot_training_curves
 from .data import read_pairs, summarize_skipped, tokenize_pairs, write_json_lines
 from .demo import DEMO_CONFIG_DIR, prepare_demo
+from .host_memory import keep_freed_memory
 from .inputs import Collator
 from .logs import configure as configure_logs, logger
 from .lora import add_lora, merged_model
@@ -62,6 +63,7 @@ def main(argv: Optional[List[str]] = None, demo: str = "finetune_argument.json",
     )
     check_precision(training_args)
     paddle.set_device(training_args.device)
+    keep_freed_memory(paddle.get_device())
     task = get_task(data_args.task_name)
     if model_args.prepare_demo:
         prepare_demo(model_args.model_name_or_path, data_args.train_file, data_args.dev_file,

@@ -18,6 +18,7 @@ from paddle.autograd import PyLayer
 from paddle.distributed import fleet
 
 from . import gloo_groups
+from .linear import add_bias, linear
 
 gloo_groups.install()  # before fleet.init forms its groups: tensor x data parallel groups on gloo need it
 
@@ -142,7 +143,7 @@ class ColumnParallelLinear(nn.Layer):
             self.bias.is_distributed = True
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        return nn.functional.linear(copy_to_model_parallel(hidden_states), self.weight, self.bias)
+        return linear(copy_to_model_parallel(hidden_states), self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Layer):
@@ -156,8 +157,7 @@ class RowParallelLinear(nn.Layer):
         self.weight.is_distributed = True
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        output = reduce_from_model_parallel(paddle.matmul(hidden_states, self.weight))
-        return output if self.bias is None else output + self.bias
+        return add_bias(reduce_from_model_parallel(paddle.matmul(hidden_states, self.weight)), self.bias)
 
 
 def parallel_cross_entropy(

@@ -35,6 +35,7 @@ from .curves import CURVES_NAME, plot_training_curves
 from .demo import DEMO_CONFIG_DIR
 from .finetune import check_precision
 from .flops import linear_weights, matmul_peak, step_flops
+from .host_memory import keep_freed_memory
 from .inputs import Collator
 from .logs import configure as configure_logs, logger
 from .models import family_of
@@ -192,6 +193,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     check_precision(training_args)
     paddle.set_device(training_args.device)
+    keep_freed_memory(paddle.get_device())
     if args.prepare_demo:
         prepare_pretrain_demo(args.model_name_or_path, parse_data_path(args.data_path)[0][1], seed=training_args.seed)
 

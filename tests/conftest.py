@@ -96,14 +96,15 @@ def demo_base(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_trained(demo_base, tmp_path_factory) -> str:
     """The demo GLM fine-tuned a little (40 steps on its QG data): unlike the random one it ends its answers, so
-    that length and penalty flags change what is generated."""
+    that length and penalty flags change what is generated. Which flags bind on the three test texts depends on the
+    draw (seed 3 stopped doing so when dropout masks came from `paddle_glm.dropout`; seed 5 does)."""
     from paddle_glm.finetune import main as finetune
 
     output = tmp_path_factory.mktemp("trained")
     flags = dict(model_name_or_path=demo_base["model"], train_file=demo_base["qg"]["train"], max_train_samples=48,
                  output_dir=output, src_length=48, tgt_length=12, min_tgt_length=0, max_steps=40, learning_rate=5e-3,
                  per_device_train_batch_size=8, do_train=True, save_strategy="no", report_to="none", device="cpu",
-                 seed=3, disable_tqdm=True)
+                 seed=5, disable_tqdm=True)
     finetune([part for name, value in flags.items() for part in (f"--{name}", str(value))])
     return str(output)
 

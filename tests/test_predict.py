@@ -54,8 +54,8 @@ DEFAULTS = dict(decode_strategy="beam_search", num_beams=5, length_penalty=0.7, 
                 max_length=8, top_k=0, top_p=1.0, temperature=1.0, repetition_penalty=1.0, seed=None,
                 num_return_sequences=1, beam_candidates="top")
 DECODING_CASES = [  # (flags, the DecodingConfig fields they set)
-    (["--decode_strategy", "greedy_search", "--no_repeat_ngram_size", "1", "--min_tgt_length", "3"],
-     dict(decode_strategy="greedy_search", num_beams=1, no_repeat_ngram_size=1, min_length=3)),
+    (["--decode_strategy", "greedy_search", "--no_repeat_ngram_size", "1", "--min_tgt_length", "5"],
+     dict(decode_strategy="greedy_search", num_beams=1, no_repeat_ngram_size=1, min_length=5)),
     (["--decode_strategy", "greedy_search", "--repetition_penalty", "3.0"],
      dict(decode_strategy="greedy_search", num_beams=1, repetition_penalty=3.0)),
     (["--decode_strategy", "sampling", "--top_k", "6", "--top_p", "0.8", "--temperature", "0.6", "--seed_decoding",

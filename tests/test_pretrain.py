@@ -85,7 +85,8 @@ def held_out_loss_and_unigram_baseline(model_dir, corpora, examples=96):
 
 def test_pretraining_learns_blank_infilling_and_fine_tunes_after(demo_base, corpora, tmp_path):
     output = tmp_path / "run"
-    pretrain_main(flags(demo_base["model"], corpora["train"], output, max_steps=150, per_device_train_batch_size=16,
+    # 200 steps: at 150 the held-out loss still varied by +-0.25 with the dropout masks drawn (seeds 5-7)
+    pretrain_main(flags(demo_base["model"], corpora["train"], output, max_steps=200, per_device_train_batch_size=16,
                         logging_steps=10))
     history = json.load(open(output / "trainer_state.json"))["log_history"]
     logged = [entry for entry in history if "loss" in entry]

@@ -44,6 +44,7 @@ from paddlenlp.transformers.chatglm_v2.tokenizer import ChatGLMv2Tokenizer as _P
 from paddlenlp.transformers.conversion_utils import split_or_merge_func
 from paddlenlp.transformers.model_outputs import CausalLMOutputWithCrossAttentions
 
+from ..dropout import Dropout
 from ..parallel import (
     ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, model_parallel_group, tensor_parallel_degree,
 )
@@ -186,7 +187,7 @@ class SelfAttention(nn.Layer):
         # THUDM: the attention output is projected from heads * kv_channels, not from hidden_size.
         self.dense = parallel_linear(config, config.num_attention_heads * self.head_dim, config.hidden_size, "row",
                                      bias=config.add_bias_linear)
-        self.attention_dropout = nn.Dropout(config.attention_dropout)
+        self.attention_dropout = Dropout(config.attention_dropout)
         self.use_flash_attention = bool(config.use_flash_attention)
         # Replicated groups: the gradient of each K/V column (weight, bias; a LoRA adapter's B, see the family's
         # `prepare_lora`) sums over the ranks holding the group.
@@ -237,7 +238,7 @@ class GLMBlock(nn.Layer):
         self.self_attention = SelfAttention(config)
         self.post_attention_layernorm = _norm(config)
         self.mlp = MLP(config)
-        self.hidden_dropout = nn.Dropout(config.hidden_dropout)
+        self.hidden_dropout = Dropout(config.hidden_dropout)
         self.residual_after_norm = config.apply_residual_connection_post_layernorm
 
     def forward(

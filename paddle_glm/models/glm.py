@@ -39,6 +39,7 @@ from paddlenlp.transformers.glm.configuration import (
 from paddlenlp.transformers.glm.modeling import GLMPretrainedModel as _PaddleNLPGLMPretrainedModel
 from paddlenlp.transformers.model_outputs import CausalLMOutputWithCrossAttentions
 
+from ..dropout import Dropout
 from ..parallel import VocabParallelEmbedding, tensor_parallel_degree
 from .family import Family, History, Template
 from .layers import (
@@ -75,8 +76,8 @@ class GLMAttention(nn.Layer):
         self.per_head_qkv = degree > 1
         self.query_key_value = parallel_linear(config, config.hidden_size, 3 * config.hidden_size, "column")
         self.dense = parallel_linear(config, config.hidden_size, config.hidden_size, "row")
-        self.attention_dropout = nn.Dropout(config.attention_dropout_prob)
-        self.output_dropout = nn.Dropout(config.output_dropout_prob)
+        self.attention_dropout = Dropout(config.attention_dropout_prob)
+        self.output_dropout = Dropout(config.output_dropout_prob)
 
     def forward(
         self, hidden_states: Tensor, bias: Tensor, cache: Optional[Tuple[Tensor, Tensor]] = None
@@ -101,7 +102,7 @@ class GLMMLP(nn.Layer):
         super().__init__()
         self.dense_h_to_4h = parallel_linear(config, config.hidden_size, 4 * config.hidden_size, "column")
         self.dense_4h_to_h = parallel_linear(config, 4 * config.hidden_size, config.hidden_size, "row")
-        self.dropout = nn.Dropout(config.output_dropout_prob)
+        self.dropout = Dropout(config.output_dropout_prob)
         # Exported graphs spell tanh-GELU out in elementary ops: paddle2onnx turns the fused
         # `gelu(approximate=True)` into exact (erf) GELU, which would shift ONNX logits by ~1e-3.
         self.gelu_as_formula = False
@@ -149,7 +150,7 @@ class GLMStack(nn.Layer):
             self.block_position_embeddings = nn.Embedding(
                 config.max_sequence_length + 1, config.hidden_size, weight_attr=paddle.ParamAttr(initializer=init)
             )
-        self.embedding_dropout = nn.Dropout(config.embedding_dropout_prob)
+        self.embedding_dropout = Dropout(config.embedding_dropout_prob)
         self.layers = nn.LayerList([GLMBlock(config) for _ in range(config.num_layers)])
         self.final_layernorm = nn.LayerNorm(config.hidden_size, epsilon=config.layernorm_epsilon)
 
