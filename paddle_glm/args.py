@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 from .decoding import STRATEGIES, DecodingConfig
+from .host_memory import keep_freed_memory
 
 __all__ = [
-    "VERBOSE_HELP", "default_device", "ModelArguments", "DataArguments", "GenerationArguments", "FLAG_ALIASES", "InputError", "check",
+    "VERBOSE_HELP", "default_device", "set_device", "ModelArguments", "DataArguments", "GenerationArguments", "FLAG_ALIASES", "InputError", "check",
     "exit_on_bad_input",
 ]
 
@@ -37,6 +38,15 @@ def default_device() -> str:
     if paddle.is_compiled_with_xpu() and paddle.device.xpu.device_count() > 0:
         return "xpu"
     return "cpu"
+
+
+def set_device(device: str) -> None:
+    """`paddle.set_device(device)`, and on CPU freed host memory kept for reuse (`host_memory`): where every entry
+    point that trains, scores or predicts in dynamic graph starts."""
+    import paddle
+
+    paddle.set_device(device)
+    keep_freed_memory(paddle.get_device())
 
 
 class InputError(ValueError):

@@ -21,17 +21,21 @@ __all__ = ["Dropout"]
 _LEVELS = 1 << 16  # the mask compares uniform 16-bit integers with round(p * 2^16)
 
 
+def _scale_kept(x: Tensor, keep: Tensor, scale: float) -> Tensor:
+    return paddle.multiply(x, keep.astype(x.dtype)).scale_(scale)
+
+
 class _ScaleKept(PyLayer):
     @staticmethod
     def forward(ctx, x: Tensor, keep: Tensor, scale: float) -> Tensor:
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return paddle.multiply(x, keep.astype(x.dtype)).scale_(scale)
+        return _scale_kept(x, keep, scale)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (keep,) = ctx.saved_tensor()
-        return paddle.multiply(grad, keep.astype(grad.dtype)).scale_(ctx.scale)
+        return _scale_kept(grad, keep, ctx.scale)
 
 
 def _keep_mask(shape) -> Tensor:

@@ -25,16 +25,14 @@ from argparse import RawDescriptionHelpFormatter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import paddle
 from paddlenlp.trainer import PdArgumentParser
 from tqdm import tqdm
 
-from .args import VERBOSE_HELP, InputError, check, default_device, exit_on_bad_input
+from .args import VERBOSE_HELP, InputError, check, default_device, exit_on_bad_input, set_device
 from .data import DataError
 from .eval_data import Item
 from .eval_report import ItemResult, print_table, summarize, write_results
 from .eval_tasks import TASKS, EvalTask, get_task, prompt_text
-from .host_memory import keep_freed_memory
 from .logs import configure as configure_logs, logger
 from .models import family_of
 from .models.family import Template
@@ -193,8 +191,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     configure_logs(argv)
     parser = PdArgumentParser(EvaluateArguments, description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
-    paddle.set_device(args.device or default_device())
-    keep_freed_memory(paddle.get_device())
+    set_device(args.device or default_device())
     model_args = model_arguments(args)
     task = get_task(args.task)
     items, shots = load_items(task, args)

@@ -16,12 +16,12 @@ from paddlenlp.trainer import PdArgumentParser, TrainingArguments, get_last_chec
 from tasks import get_task
 
 from .args import (
-    FLAG_ALIASES, DataArguments, GenerationArguments, InputError, ModelArguments, check, default_device, exit_on_bad_input,
+    FLAG_ALIASES, DataArguments, GenerationArguments, InputError, ModelArguments, check, default_device,
+    exit_on_bad_input, set_device,
 )
 from .curves import CURVES_NAME, plot_training_curves
 from .data import read_pairs, summarize_skipped, tokenize_pairs, write_json_lines
 from .demo import DEMO_CONFIG_DIR, prepare_demo
-from .host_memory import keep_freed_memory
 from .inputs import Collator
 from .logs import configure as configure_logs, logger
 from .lora import add_lora, merged_model
@@ -62,8 +62,7 @@ def main(argv: Optional[List[str]] = None, demo: str = "finetune_argument.json",
         sys.argv[1:] if argv is None else argv, os.path.join(DEMO_CONFIG_DIR, demo), task_name
     )
     check_precision(training_args)
-    paddle.set_device(training_args.device)
-    keep_freed_memory(paddle.get_device())
+    set_device(training_args.device)
     task = get_task(data_args.task_name)
     if model_args.prepare_demo:
         prepare_demo(model_args.model_name_or_path, data_args.train_file, data_args.dev_file,

@@ -15,10 +15,9 @@ from typing import List, Optional, Tuple
 import paddle
 import paddle.distributed as dist
 from paddle.distributed import fleet
-from .host_memory import keep_freed_memory
 from .logs import configure as configure_logs, logger
 
-from .args import default_device, exit_on_bad_input
+from .args import default_device, exit_on_bad_input, set_device
 from .batch_predict import check_lengths, parse_with_io, predict_records, read_inputs, write_outputs
 from .generation import generate
 from .demo import held_out_pairs
@@ -54,8 +53,7 @@ class PredictArguments:
 def main(argv: Optional[List[str]] = None) -> None:
     configure_logs(argv)
     args, io, gen_args = parse_with_io(PredictArguments, argv)
-    paddle.set_device(args.device or default_device())
-    keep_freed_memory(paddle.get_device())
+    set_device(args.device or default_device())
     demo = args.model_name_or_path == DEMO_CHECKPOINT
     if demo and not os.path.exists(DEMO_CHECKPOINT):
         raise SystemExit(f"{DEMO_CHECKPOINT} does not exist yet: run `python finetune_generation.py` (the demo) first")

@@ -26,16 +26,14 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import numpy as np
-import paddle
 from paddlenlp.trainer import PdArgumentParser, TrainingArguments, get_last_checkpoint
 
-from .args import VERBOSE_HELP, check, default_device, exit_on_bad_input
+from .args import VERBOSE_HELP, check, default_device, exit_on_bad_input, set_device
 from .blocklm import PRESETS, BlankInfilling, BlockLMConfig, CausalLM
 from .curves import CURVES_NAME, plot_training_curves
 from .demo import DEMO_CONFIG_DIR
 from .finetune import check_precision
 from .flops import linear_weights, matmul_peak, step_flops
-from .host_memory import keep_freed_memory
 from .inputs import Collator
 from .logs import configure as configure_logs, logger
 from .models import family_of
@@ -192,8 +190,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     configure_logs(argv)
     args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     check_precision(training_args)
-    paddle.set_device(training_args.device)
-    keep_freed_memory(paddle.get_device())
+    set_device(training_args.device)
     if args.prepare_demo:
         prepare_pretrain_demo(args.model_name_or_path, parse_data_path(args.data_path)[0][1], seed=training_args.seed)
 
