@@ -352,6 +352,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     quants = [q for q in args.quant.split(",") if q]
     engines = [(b, None) for b in args.backends.split(",") if b] + [("onnxruntime", quant) for quant in quants]
+    from paddle_glm.args import set_device
+
+    set_device("cpu", all_cores=True)  # the dygraph rows run as predict_generation.py runs
     model = build_model(args.layers, args.hidden, args.heads)
     with tempfile.TemporaryDirectory(prefix="glm-bench-export-") as root:  # 0.3 GB per export at 2 layers
         directories = export_all(model, root, args.new_tokens, quants)

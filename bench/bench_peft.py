@@ -22,8 +22,8 @@ import numpy as np
 import paddle
 from paddlenlp.peft import LoRAConfig
 
+from paddle_glm.args import set_device
 from paddle_glm.demo import DEMO_MODEL_CONFIG
-from paddle_glm.host_memory import keep_freed_memory
 from paddle_glm.lora import GLMLoRAModel
 from paddle_glm.models.glm import FAMILY, GLMConfig, GLMForConditionalGeneration
 from paddle_glm.prefix import PrefixModel, prefix_config_for
@@ -126,8 +126,7 @@ def size(count: int) -> str:
 
 def main() -> None:
     args = parse_args()
-    paddle.set_device("cpu")
-    keep_freed_memory()  # as the CLIs do on CPU; a process setting, so a reference timed here runs with it too
+    set_device("cpu")  # as the CLIs do; process settings, so a reference timed here runs with them too
     models: Dict[str, dict] = {"tiny demo GLM": MODELS["tiny demo GLM"]} if args.smoke else MODELS
     rows = [row for name, config in models.items() for row in measure(name, config, args)]
     print(f"batch {args.batch_size} x ({args.source_length} + {args.target_length}) tokens, pre_seq_len "

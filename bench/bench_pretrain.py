@@ -30,17 +30,17 @@ from paddlenlp.trainer import TrainerCallback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from paddle_glm.args import set_device  # noqa: E402
 from paddle_glm.data import write_json_lines  # noqa: E402
 from paddle_glm.demo import build_demo_model  # noqa: E402
 from paddle_glm.flops import linear_weights, matmul_peak, step_flops  # noqa: E402
-from paddle_glm.host_memory import keep_freed_memory  # noqa: E402
 from paddle_glm.inputs import Collator  # noqa: E402
 from paddle_glm.logs import configure as configure_logs  # noqa: E402
+from paddle_glm.models import family_of  # noqa: E402
 from paddle_glm.models.glm import GLMConfig, GLMForConditionalGeneration, tokenizer_from_sentencepiece  # noqa: E402
 from paddle_glm.preprocess import preprocess  # noqa: E402
 from paddle_glm.pretrain import PretrainTrainer, build_dataset, build_objective, parse_arguments  # noqa: E402
 from paddle_glm.pretrain_demo import demo_documents  # noqa: E402
-from paddle_glm.models import family_of  # noqa: E402
 
 COG_MODEL = os.path.join(ROOT, "..", "shared", "assets", "cog-pretrain.model")
 LARGE = dict(hidden_size=1024, num_attention_heads=16, vocab_size=50048, max_sequence_length=1024)
@@ -134,8 +134,7 @@ def time_training(model: str, prefix: str, args, output_dir: str) -> dict:
 def main() -> None:
     args = parse_args()
     configure_logs([])
-    paddle.set_device("cpu")
-    keep_freed_memory()  # as the CLIs do on CPU; a process setting, so a reference timed here runs with it too
+    set_device("cpu")  # as the CLIs do; process settings, so a reference timed here runs with them too
     workers = [int(w) for w in args.workers.split(",")]
     peaks = [matmul_peak(2048)]
     with tempfile.TemporaryDirectory() as root:

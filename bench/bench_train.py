@@ -43,8 +43,8 @@ from paddlenlp.transformers import GLMConfig
 from paddlenlp.transformers import GLMForConditionalGeneration as PaddleNLPGLM
 from paddlenlp.utils.log import logger
 
+from paddle_glm.args import set_device
 from paddle_glm.demo import DEMO_MODEL_CONFIG
-from paddle_glm.host_memory import keep_freed_memory
 from paddle_glm.inputs import Collator
 from paddle_glm.models.glm import GLMSpecialIds, GLMTemplate, padded_training_example
 from paddle_glm.models.glm import GLMForConditionalGeneration
@@ -460,8 +460,7 @@ def print_table(results: List[dict], args, peak: float) -> None:
 def main() -> None:
     args = parse_args()
     logger.set_level("WARNING")
-    paddle.set_device("cpu")
-    keep_freed_memory()  # as the CLIs do on CPU; a process setting, so a reference timed here runs with it too
+    set_device("cpu")  # as the CLIs do; process settings, so a reference timed here runs with them too
     if args.threads:
         paddle.base.core.set_num_threads(args.threads)
     args.threads = args.threads or paddle.get_flags(["FLAGS_paddle_num_threads"])["FLAGS_paddle_num_threads"]

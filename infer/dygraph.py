@@ -9,6 +9,7 @@ import numpy as np
 import paddle
 
 from export.exporter import StepGraph
+from paddle_glm.args import cpu_cores, set_device
 from paddle_glm.models import family_of, load_model
 
 from .engines import FEED_NAMES, PaddleInferenceEngine
@@ -19,12 +20,16 @@ __all__ = ["DygraphEngine", "DygraphRunner"]
 
 class DygraphEngine(PaddleInferenceEngine):
     """Paddle tensors as buffers (buffer, gather, concat, write_slots as Paddle Inference's); `run` in eager mode.
-    No predictor is built: the parent's constructor is not called."""
+    No predictor is built: the parent's constructor is not called. On CPU each run sets the math library's thread
+    count for its thread (a server runs the model in its scheduler's thread): every core (`args.cpu_cores`)."""
 
     def __init__(self, graph: StepGraph, dtype: str):
-        self.paddle, self.dtype, self.graph, self.threads = paddle, dtype, graph, None
+        self.paddle, self.dtype, self.graph = paddle, dtype, graph
+        self.threads = cpu_cores() if paddle.get_device().startswith("cpu") else None
 
     def run(self, feeds, cache: list) -> np.ndarray:
+        if self.threads:
+            paddle.base.core.set_num_threads(self.threads)
         with paddle.no_grad():
             inputs = [paddle.to_tensor(feeds[name]) for name in FEED_NAMES]
             return self.graph(*inputs, cache)[0].numpy()
@@ -36,7 +41,7 @@ class DygraphRunner(GLMRunner):
 
     def __init__(self, model_name_or_path: str, device: str = "cpu", tgt_length: int = 64,
                  src_length: Optional[int] = None):
-        paddle.set_device(device)
+        set_device(device)
         model = load_model(model_name_or_path)
         model.eval()
         family = family_of(model.config)

@@ -191,7 +191,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     configure_logs(argv)
     parser = PdArgumentParser(EvaluateArguments, description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
-    set_device(args.device or default_device())
+    set_device(args.device or default_device(), all_cores=True)
     model_args = model_arguments(args)
     task = get_task(args.task)
     items, shots = load_items(task, args)

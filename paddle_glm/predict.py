@@ -53,7 +53,7 @@ class PredictArguments:
 def main(argv: Optional[List[str]] = None) -> None:
     configure_logs(argv)
     args, io, gen_args = parse_with_io(PredictArguments, argv)
-    set_device(args.device or default_device())
+    set_device(args.device or default_device(), all_cores=True)
     demo = args.model_name_or_path == DEMO_CHECKPOINT
     if demo and not os.path.exists(DEMO_CHECKPOINT):
         raise SystemExit(f"{DEMO_CHECKPOINT} does not exist yet: run `python finetune_generation.py` (the demo) first")
