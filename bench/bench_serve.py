@@ -118,7 +118,9 @@ def start_server(export_dir: str, backend: str, max_batch_size: int, log_path: s
         except httpx.HTTPError:
             time.sleep(0.2)
     process.kill()
-    raise SystemExit(f"the server did not start; its log: {log_path}")
+    log.close()
+    with open(log_path, encoding="utf-8") as handle:
+        raise SystemExit("the server did not start; the end of its log:\n" + handle.read()[-3000:])
 
 
 async def one_request(client, url: str, index: int, new_tokens: int) -> Dict[str, object]:
@@ -182,7 +184,11 @@ def bench_model(export_dir: str, label: str, args, root: str) -> Dict[Tuple[str,
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
-    root = tempfile.mkdtemp(prefix="glm-bench-serve-")
+    with tempfile.TemporaryDirectory(prefix="glm-bench-serve-") as root:  # 0.6 GB of exports and the servers' logs
+        run(args, root)
+
+
+def run(args: argparse.Namespace, root: str) -> None:
     builders = {"demo": demo_export, "large": large_export}
     exports = [builders[name](root, args.new_tokens, args.backend) for name in args.models.split(",") if name]
     print(f"\n{args.new_tokens} new tokens per request (sampled, streamed), {args.requests_per_client} request(s) per "

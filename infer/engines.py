@@ -8,8 +8,9 @@ Every engine exposes the same calls (`infer.stepper.ExportedStepper` drives the 
   position_ids, attention_mask, cache_index), `cache` the buffers in the graph's order (`cache_input_names`). The
   graph writes the new tokens' keys and values into the `key_i` / `value_i` buffers; logits [N, V] come back;
 - `gather(buffers, index)`: the buffers' rows in `index` order (beam search), computed by the engine.
-- `concat(first, second)`, `write_slots(buffers, slots, start)`: a server's batch gaining rows and folding its rows'
-  own slots into their shared segment (`infer.scheduler`); both return the buffers to use from then on.
+- `concat(first, second)`, `write_slots(buffers, slots, start)`, `resize(buffers, at, delta)`: a server's batch
+  gaining rows, folding its rows' own slots into their shared segment and widening or narrowing that segment
+  (`infer.scheduler`); each returns the buffers to use from then on.
 
 How each engine keeps the cache where it is (measured in bench/bench_infer.py):
 - Paddle Inference: buffers are `paddle.Tensor`s shared with the graph's inputs (`share_external_data`);
@@ -30,7 +31,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-__all__ = ["PaddleInferenceEngine", "OnnxRuntimeEngine", "FastDeployEngine", "create_engine", "BACKENDS"]
+__all__ = ["PaddleInferenceEngine", "OnnxRuntimeEngine", "FastDeployEngine", "create_engine", "resize_axis",
+           "BACKENDS"]
 
 BACKENDS = ("paddle", "onnxruntime", "fastdeploy")
 Feeds = Dict[str, np.ndarray]
@@ -102,6 +104,15 @@ class PaddleInferenceEngine:
             buffer[:, :, start:start + written.shape[2]] = written
         return buffers
 
+    def resize(self, buffers: list, at: int, delta: int) -> list:
+        """Buffers with `delta` zero slots inserted at slot `at` (or the -delta slots before `at` removed)."""
+        paddle = self.paddle
+        if delta >= 0:
+            return [paddle.concat([buffer[:, :, :at], paddle.zeros([*buffer.shape[:2], delta, buffer.shape[3]],
+                                                                   buffer.dtype), buffer[:, :, at:]], axis=2)
+                    for buffer in buffers]
+        return [paddle.concat([buffer[:, :, :at + delta], buffer[:, :, at:]], axis=2) for buffer in buffers]
+
 
 class OnnxRuntimeEngine:
     """An ONNX Runtime session over `step.onnx` (export with --onnx), driven through I/O binding."""
@@ -164,6 +175,10 @@ class OnnxRuntimeEngine:
             written.append(buffer if self.device == "cpu" else
                            self.ort.OrtValue.ortvalue_from_numpy(host, self.device, 0))
         return written
+
+    def resize(self, buffers: list, at: int, delta: int) -> list:
+        return [self.ort.OrtValue.ortvalue_from_numpy(resize_axis(buffer.numpy(), at, delta, 2), self.device, 0)
+                for buffer in buffers]
 
     def _gather_session(self, count: int):
         """A graph of `count` Gathers along rows, built once per buffer count."""
@@ -240,6 +255,18 @@ class FastDeployEngine:
         for buffer, written in zip(buffers, slots):
             buffer[:, :, start:start + written.shape[2]] = written
         return buffers
+
+    def resize(self, buffers: list, at: int, delta: int) -> list:
+        return [resize_axis(buffer, at, delta, 2) for buffer in buffers]
+
+
+def resize_axis(array: np.ndarray, at: int, delta: int, axis: int) -> np.ndarray:
+    """`array` with `delta` zeros inserted at index `at` of `axis` (or the -delta entries before `at` removed)."""
+    before = np.take(array, np.arange(at + min(delta, 0)), axis=axis)
+    after = np.take(array, np.arange(at, array.shape[axis]), axis=axis)
+    shape = list(array.shape)
+    shape[axis] = max(delta, 0)
+    return np.concatenate([before, np.zeros(shape, array.dtype), after], axis=axis)
 
 
 def _host_buffer(shape: List[int], dtype: np.dtype, head: Optional[np.ndarray]) -> np.ndarray:

@@ -11,7 +11,11 @@ them by comparing hypotheses; it runs as a batch of its own, through `decoding.g
 The cache of the batch (`ExportedBatch`) is the exported step graph's two segments (`models.layers.SegmentedCache`)
 used with one shared row per decoding row (k = 1):
 - shared [rows, kv, Ws, hd], Ws = Kp + C: a row's prompt (and a P-Tuning prefix) in columns [0, Kp), written by
-  its own prompt pass; columns [Kp, Ws) hold the *previous* C own slots of every row (see fold);
+  its own prompt pass; columns [Kp, Ws) hold the *previous* C own slots of every row (see fold). Kp is the
+  batch's longest prompt rounded up to WIDTH_STEP columns, not the export's src_length: every step reads every
+  row's Ws columns (a 2-layer glm-large shape at src_length 991 and 16 rows: 277 MB a step, about the weights'
+  306 MB, for prompts of a few dozen tokens). A longer prompt joining widens the batch's buffers (zero columns
+  inserted at Kp); rows leaving narrow them to the prompts that remain: copies at those moments, never per step;
 - own [rows, kv, C, hd]: step t writes slot t of every row (the graph's common `cache_index`); a row that joined
   at step t0 masks its slots before t0 (they are zeros of its fresh buffer);
 - when t reaches C the own slots are copied into columns [Kp, Ws) of the shared segment ("fold") and t restarts
@@ -34,12 +38,14 @@ import numpy as np
 from paddle_glm.decoding import DecodingConfig, GenerationResult, chooser, decode_step
 from paddle_glm.inputs import Example, model_positions, prefill_attention_mask
 
+from .engines import resize_axis
 from .stepper import prefix_heads, run_step
 
-__all__ = ["Job", "Listener", "Scheduler", "ExportedBatch", "QueueFull"]
+__all__ = ["Job", "Listener", "Scheduler", "ExportedBatch", "QueueFull", "WIDTH_STEP"]
 
 logger = logging.getLogger("paddle_glm")
 ANSWER_START_ROOM = 4  # a prompt is at most src_length ids and the tokens that open an answer (GLM's <sop>)
+WIDTH_STEP = 32  # the batch's prompt width Kp is a multiple of this (fewer re-layouts as prompts come and go)
 
 
 class QueueFull(RuntimeError):
@@ -111,10 +117,12 @@ class Job:
 class NewRows:
     """Rows prefilled by `ExportedBatch.prefill`, not yet in the batch."""
 
-    shared: list  # per layer key, value [rows, kv, Ws, hd]
-    mask: np.ndarray  # [rows, Ws + C]
+    shared: list  # per layer key, value [rows, kv, Kp + C, hd], Kp = prompt_width
+    mask: np.ndarray  # [rows, Kp + 2 C]
     positions: np.ndarray  # [rows, P] the prompt's last position
     position_step: np.ndarray  # [rows, P]
+    prompt_width: int  # Kp of these rows: their prefix + prompt rounded up to WIDTH_STEP
+    needs: np.ndarray  # [rows] their prefix + prompt columns
 
 
 class ExportedBatch:
@@ -127,15 +135,16 @@ class ExportedBatch:
         self.prefix = runner.prefix  # [layers, 2, P, kv, hd] or None
         prefix_tokens = 0 if self.prefix is None else self.prefix.shape[2]
         self.capacity = config["tgt_length"]  # C
-        self.prompt_width = prefix_tokens + config["src_length"] + ANSWER_START_ROOM  # Kp
-        self.width = self.prompt_width + self.capacity  # Ws
+        self.max_prompt_width = prefix_tokens + config["src_length"] + ANSWER_START_ROOM  # the most Kp can be
         self.prefix_tokens = prefix_tokens
         self.reset()
 
     def reset(self) -> None:
+        self.prompt_width = 0  # Kp
+        self.needs = np.zeros([0], "int64")  # [rows] each row's prefix + prompt columns
         self.shared: Optional[list] = None  # per layer key, value [rows, kv, Ws, hd]
         self.own: Optional[list] = None  # per layer key, value [rows, kv, C, hd]
-        self.mask = np.zeros([0, self.width + self.capacity], "float32")
+        self.mask = np.zeros([0, 2 * self.capacity], "float32")
         self.positions = np.zeros([0, 0], "int64")  # [rows, P] the last fed position
         self.position_step = np.zeros([0, 0], "int64")
         self.t = 0
@@ -143,6 +152,14 @@ class ExportedBatch:
     @property
     def rows(self) -> int:
         return len(self.mask)
+
+    @property
+    def width(self) -> int:
+        """Ws, the shared segment's columns."""
+        return self.prompt_width + self.capacity
+
+    def _rounded(self, columns: int) -> int:
+        return min(-(-columns // WIDTH_STEP) * WIDTH_STEP, self.max_prompt_width)
 
     def generate(self, example: Example, config: DecodingConfig) -> GenerationResult:
         """A job decoded alone (beam search) with the runner's own stepper."""
@@ -155,36 +172,49 @@ class ExportedBatch:
         input_ids = np.asarray(example["input_ids"], "int64")[None]  # [1, L]
         positions = np.asarray(example["position_ids"], "int64")[None]  # [1, P, L]
         length, prefix = input_ids.shape[1], self.prefix_tokens
-        if prefix + length > self.prompt_width:
-            raise ValueError(f"a prompt of {length} tokens exceeds the {self.prompt_width - prefix} this batch holds")
+        if prefix + length > self.max_prompt_width:
+            raise ValueError(f"a prompt of {length} tokens exceeds the {self.max_prompt_width - prefix} this batch "
+                             "holds")
+        kp = self._rounded(prefix + length)
+        width = kp + self.capacity
         # columns: one masked dummy shared column | the prefix | the prompt | the rest of the row's shared width
-        mask = np.zeros([1, 1, length, 1 + self.width], "float32")
+        mask = np.zeros([1, 1, length, 1 + width], "float32")
         mask[..., 1:1 + prefix] = 1.0
         sep = np.array([int(example["attention_mask"])])
         mask[..., 1 + prefix:1 + prefix + length] = prefill_attention_mask(np.ones([1, length], "float32"), sep)
         heads = prefix_heads(self.prefix, self.layers)
-        filled = [self.engine.buffer([1, self.heads, self.width, self.head_dim], head) for head in heads]
+        filled = [self.engine.buffer([1, self.heads, width, self.head_dim], head) for head in heads]
         empty = self.engine.buffer([1, self.heads, 1, self.head_dim])
         logits = run_step(self.engine, input_ids, model_positions(positions), mask, prefix, [empty] * len(filled), filled)
-        row_mask = np.zeros([rows, self.width + self.capacity], "float32")
+        row_mask = np.zeros([rows, width + self.capacity], "float32")
         row_mask[:, :prefix + length] = 1.0
         new = NewRows(self.engine.gather(filled, np.zeros(rows, "int64")) if rows > 1 else filled, row_mask,
                       np.repeat(positions[:, :, -1], rows, axis=0),
-                      np.repeat(np.asarray(example["position_step"], "int64")[None], rows, axis=0))
+                      np.repeat(np.asarray(example["position_step"], "int64")[None], rows, axis=0), kp,
+                      np.full(rows, prefix + length, "int64"))
         return np.repeat(logits, rows, axis=0), new
 
     def add(self, new: List["NewRows"]) -> None:
-        """Append prefilled rows to the batch: one copy of the batch's buffers however many join."""
-        shared = new[0].shared
-        for more in new[1:]:
-            shared = self.engine.concat(shared, more.shared)
+        """Append prefilled rows to the batch: one copy of the batch's buffers however many join (and one more to
+        widen them when a joining prompt is longer than Kp)."""
+        kp = max([n.prompt_width for n in new] + [self.prompt_width])
+        if self.shared is None:
+            self.prompt_width, self.mask = kp, np.zeros([0, kp + 2 * self.capacity], "float32")
+        else:
+            self._resize(kp)
+        pieces = [self._widened(n, kp) for n in new]
+        shared = pieces[0]
+        for more in pieces[1:]:
+            shared = self.engine.concat(shared, more)
+        self.needs = np.concatenate([self.needs] + [n.needs for n in new])
         rows = sum(len(n.mask) for n in new)
         own = [self.engine.buffer([rows, self.heads, self.capacity, self.head_dim]) for _ in shared]
         if self.shared is None:
             self.shared, self.own = shared, own
         else:
             self.shared, self.own = self.engine.concat(self.shared, shared), self.engine.concat(self.own, own)
-        self.mask = np.concatenate([self.mask] + [n.mask for n in new])
+        self.mask = np.concatenate([self.mask] + [resize_axis(n.mask, n.prompt_width, kp - n.prompt_width, 1)
+                                                  for n in new])
         positions = np.concatenate([n.positions for n in new])
         steps = np.concatenate([n.position_step for n in new])
         self.positions = np.concatenate([self.positions.reshape(-1, positions.shape[1]), positions])
@@ -199,7 +229,20 @@ class ExportedBatch:
             return
         self.shared, self.own = self.engine.gather(self.shared, index), self.engine.gather(self.own, index)
         self.mask, self.positions = self.mask[index], self.positions[index]
-        self.position_step = self.position_step[index]
+        self.position_step, self.needs = self.position_step[index], self.needs[index]
+        self._resize(self._rounded(int(self.needs.max())))
+
+    def _resize(self, kp: int) -> None:
+        """The batch's prompt width becomes `kp`: columns inserted (zeros, masked) or removed (masked for every
+        row) at the current Kp, where the folded slots begin."""
+        if kp != self.prompt_width:
+            self.shared = self.engine.resize(self.shared, self.prompt_width, kp - self.prompt_width)
+            self.mask = resize_axis(self.mask, self.prompt_width, kp - self.prompt_width, 1)
+            self.prompt_width = kp
+
+    def _widened(self, new: "NewRows", kp: int) -> list:
+        return new.shared if new.prompt_width == kp else self.engine.resize(new.shared, new.prompt_width,
+                                                                               kp - new.prompt_width)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feed one token per row (int64 [rows]); next-token logits [rows, V]."""

@@ -11,11 +11,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
 from infer.runner import GLMRunner
-from infer.scheduler import ExportedBatch, Job, Scheduler, wait_until
+from infer.scheduler import WIDTH_STEP, ExportedBatch, Job, Scheduler, wait_until
 from infer.server import CHAT_PAGE, serve_in_background
 from paddle_glm.decoding import DecodingConfig
 
@@ -424,3 +425,35 @@ def test_model_prefix_served_name_and_chat_without_history(exported, runner, tem
         assert service.scheduler.prefill_tokens == 7
     finally:
         service.close()
+
+
+def test_batch_width_follows_its_longest_prompt(runner, template):
+    """The shared segment holds the batch's longest prompt rounded up to WIDTH_STEP columns, not the export's
+    src_length (every step reads it whole): it widens when a longer prompt joins and narrows when that row leaves,
+    and the short prompt's row steps to the logits it has alone throughout."""
+    def example(text):
+        return template.generation_example(template.prompt_ids(text, ())[0])
+
+    short, long = example(TEXTS[1]), example(TEXTS[0] * 2)
+    assert len(short["input_ids"]) < WIDTH_STEP < len(long["input_ids"]) <= 3 * WIDTH_STEP
+    alone = ExportedBatch(runner)
+    logits, rows = alone.prefill(short, 1)
+    alone.add([rows])
+    token = np.array([int(logits[0].argmax())])
+    expected = [alone.step(token)[0] for _ in range(3)]
+
+    batch = ExportedBatch(runner)
+    _, rows = batch.prefill(short, 1)
+    batch.add([rows])
+    assert batch.prompt_width == WIDTH_STEP and batch.shared[0].shape[2] == WIDTH_STEP + batch.capacity
+    got = [batch.step(token)[0]]
+    _, rows = batch.prefill(long, 1)
+    batch.add([rows])  # joins between two steps: the segment widens
+    wide = -(-len(long["input_ids"]) // WIDTH_STEP) * WIDTH_STEP
+    assert batch.prompt_width == wide and batch.shared[0].shape[2] == wide + batch.capacity
+    got.append(batch.step(np.array([token[0], 5]))[0])
+    batch.keep(np.array([0]))  # the long prompt's request left
+    assert batch.prompt_width == WIDTH_STEP and batch.shared[0].shape[2] == WIDTH_STEP + batch.capacity
+    got.append(batch.step(token)[0])
+    np.testing.assert_allclose(np.stack(got), np.stack(expected), rtol=1e-4, atol=1e-4)
+    assert batch.prompt_width < batch.max_prompt_width
