@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -184,6 +185,7 @@ def bench_model(export_dir: str, label: str, args, root: str) -> Dict[Tuple[str,
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     with tempfile.TemporaryDirectory(prefix="glm-bench-serve-") as root:  # 0.6 GB of exports and the servers' logs
         run(args, root)
 
