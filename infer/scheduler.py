@@ -338,8 +338,8 @@ class Scheduler:
 
     def _admit(self, block: bool) -> None:
         """Prefill waiting jobs (FIFO) while their rows fit and their prompt tokens stay within `prefill_tokens` (at
-        least one job: running rows wait for the prefills, so this bounds their stall), then add them to the batch
-        at once; beam jobs run to the end here."""
+        least one job: running rows wait for the prefills, so this bounds their stall), each choosing its first
+        tokens right after its prompt pass, then add them to the batch at once; beam jobs run to the end here."""
         chosen: List[Job] = []
         budget = self.prefill_tokens
         while self.running:
@@ -362,15 +362,17 @@ class Scheduler:
         prefilled = []
         for job in chosen:
             try:
-                prefilled.append((job, *self.batch.prefill(job.example, job.rows)))
+                logits, rows = self.batch.prefill(job.example, job.rows)
+                # its first tokens now, not after the round's other prompt passes (the time to first token)
+                prefilled.append((job, rows, job.advance(logits)))
             except Exception as error:
                 logger.exception("a prompt pass failed")
                 job.listener.done(job, error)
         if not prefilled:
             return
         self.jobs.extend(job for job, _, _ in prefilled)  # first: if adding fails, the loop fails them with the rest
-        self.batch.add([rows for _, _, rows in prefilled])
-        self._leave([job for job, logits, _ in prefilled if job.advance(logits)])
+        self.batch.add([rows for _, rows, _ in prefilled])
+        self._leave([job for job, _, done in prefilled if done])
 
     def _run_beam(self, job: Job) -> None:
         try:

@@ -381,10 +381,11 @@ def test_chatglm3_export_serves_chat_with_its_template(tmp_path):
         num_return_sequences=2)
 
 
-@pytest.mark.parametrize("budget,first_rows", [(512, [3, 3, 3]), (1, [1, 2, 3])])
-def test_prefill_budget_bounds_the_prompts_joining_between_two_steps(runner, template, budget, first_rows):
+@pytest.mark.parametrize("budget,before,first_step", [(512, [0, 0, 0], [3, 3, 3]), (1, [0, 1, 2], [1, 2, 3])])
+def test_prefill_budget_bounds_the_prompts_joining_between_two_steps(runner, template, budget, before, first_step):
     """Three queued prompts join together within the default budget; with a budget of one token, one prompt a round
-    (at least one always joins): the batch each job's first token sees grows 1, 2, 3."""
+    (at least one always joins): the batch each job's first decode step runs in grows 1, 2, 3. A job's first token
+    comes right after its own prompt pass, before its rows join (the rows it sees: those of earlier rounds)."""
     scheduler = Scheduler(ExportedBatch(runner), max_batch_size=4, prefill_tokens=budget)
     config = DecodingConfig(eos_token_id=template.tokenizer_size + 5, pad_token_id=template.pad_id, max_length=6)
     jobs = [Job(template.generation_example(template.prompt_ids(text, ())[0]), config, None) for text in TEXTS[:3]]
@@ -396,7 +397,8 @@ def test_prefill_budget_bounds_the_prompts_joining_between_two_steps(runner, tem
         assert all(job.listener.event.wait(30) and job.listener.error is None for job in jobs)
     finally:
         scheduler.stop()
-    assert [job.listener.batch_rows[0] for job in jobs] == first_rows
+    assert [job.listener.batch_rows[0] for job in jobs] == before
+    assert [job.listener.batch_rows[1] for job in jobs] == first_step
 
 
 def test_model_prefix_served_name_and_chat_without_history(exported, runner, template):
