@@ -54,9 +54,10 @@ def set_device(device: str, all_cores: bool = False) -> None:
     import paddle
 
     paddle.set_device(device)
-    keep_freed_memory(paddle.get_device())
-    contiguous_views(paddle.get_device())
-    if all_cores and paddle.get_device().startswith("cpu"):
+    device = paddle.get_device()
+    keep_freed_memory(device)
+    contiguous_views(device)
+    if all_cores and device.startswith("cpu"):
         paddle.base.core.set_num_threads(cpu_cores())
 
 

@@ -213,9 +213,8 @@ def lm_head(model, hidden_states: Tensor, weight: Tensor, labels: Optional[Tenso
     """
     if tensor_parallel_degree(model.config) == 1:
         rows = hidden_states.shape[0] * hidden_states.shape[1]
-        if labels is None and paddle.in_dynamic_mode() and ROWS_FIRST[0] <= rows <= ROWS_FIRST[1]:
-            rows_first = True
-        if rows_first and transpose_y:
+        decoding = labels is None and paddle.in_dynamic_mode() and ROWS_FIRST[0] <= rows <= ROWS_FIRST[1]
+        if transpose_y and (rows_first or decoding):
             flat = hidden_states.reshape([-1, hidden_states.shape[-1]])  # (B q, H)
             logits = paddle.matmul(weight, flat, transpose_y=True).transpose([1, 0])  # (B q, V)
             logits = logits.reshape([hidden_states.shape[0], hidden_states.shape[1], -1])  # (B, q, V)
