@@ -33,6 +33,14 @@ if [ -n "$DRY" ]; then
     echo "dry run: CPU, tiny shapes, float32 (int8 by ONNX Runtime): the verdicts below mean nothing"
 else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    # Every check needs a CUDA build of Paddle: say so once instead of five tracebacks.
+    if ! why=$("$PYTHON" -c "import paddle
+assert paddle.is_compiled_with_cuda(), 'paddle ' + paddle.__version__ + ' is a CPU build'
+assert paddle.device.cuda.device_count(), 'this CUDA build of Paddle sees no GPU'" 2>&1); then
+        echo "gpu_check: no check run: $PYTHON has no usable CUDA build of Paddle (${why##*$'\n'});" \
+             "install paddlepaddle-gpu for this machine's CUDA, or name another interpreter with PYTHON=..." >&2
+        rm -rf "$WORK"; exit 2
+    fi
 fi
 for entry in $LIMITS; do
     check=${entry%%:*}

@@ -33,7 +33,9 @@ def launch(tmp_path, script, *args, nproc=2):
     command = [sys.executable, "-m", "paddle.distributed.launch", "--master", f"127.0.0.1:{port}",
                "--nproc_per_node", str(nproc), "--log_dir", str(log_dir), os.path.join(ROOT, script)] + [str(a) for a in args]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=500)
-    logs = "".join(open(log_dir / name).read()[-3000:] for name in sorted(os.listdir(log_dir)))
+    # the workers' and the launcher's logs (not the env dumps beside them, which crowd the cause out)
+    logs = "".join(f"--- {name}\n" + open(log_dir / name).read()[-3000:] for name in sorted(os.listdir(log_dir))
+                   if name.startswith(("workerlog", "default")))
     assert done.returncode == 0, logs
 
 
