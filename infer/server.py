@@ -21,7 +21,7 @@ import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -125,6 +125,37 @@ class JobListener:
         return (text, job.reasons[row]) if cut is None else (text[:cut], "stop")
 
 
+class EventOutbox:
+    """Events from the scheduler's thread to requests' asyncio queues on one event loop, which is woken once for all
+    the events put before it runs: waking it for each event (`call_soon_threadsafe`: a pipe write, then the loop's
+    thread takes the GIL from the scheduler's) cost ~0.35 ms an event, 16 a step at 16 streams. The first event
+    after a delivery wakes the loop at once, so none waits for the scheduler's round to end."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock = loop, threading.Lock()
+        self.items: List[Tuple[asyncio.Queue, tuple]] = []
+
+    def sender(self, events: asyncio.Queue) -> Callable[[tuple], None]:
+        """The `emit` of a request's listeners: its events to `events`."""
+        return lambda event: self.put(events, event)
+
+    def put(self, events: asyncio.Queue, event: tuple) -> None:
+        with self.lock:
+            self.items.append((events, event))
+            if len(self.items) > 1:
+                return  # the wake-up asked for by the first one is still to come
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: the server stopped, nobody waits
+            pass
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for events, event in items:
+            events.put_nowait(event)
+
+
 class Service:
     """The model behind the endpoints: template, limits, scheduler, metrics, draining state."""
 
@@ -141,6 +172,13 @@ class Service:
         self.draining = False
         self.inflight = 0  # accepted requests whose response is not finished
         self.metrics = ServerMetrics(lambda: self.scheduler.pending, lambda: self.scheduler.running_rows)
+        self.outboxes: Dict[asyncio.AbstractEventLoop, EventOutbox] = {}
+
+    def outbox(self, loop: asyncio.AbstractEventLoop) -> EventOutbox:
+        """The outbox of requests served on `loop` (uvicorn runs one loop)."""
+        if loop not in self.outboxes:
+            self.outboxes[loop] = EventOutbox(loop)
+        return self.outboxes[loop]
 
     def close(self) -> None:
         self.scheduler.stop()
@@ -254,15 +292,7 @@ def create_app(service: Service) -> FastAPI:
             else:
                 prompts = completion_prompts(body, service.template, service.limits)
             events: asyncio.Queue = asyncio.Queue()
-            loop = asyncio.get_running_loop()
-
-            def emit(event: tuple) -> None:
-                try:
-                    loop.call_soon_threadsafe(events.put_nowait, event)
-                except RuntimeError:  # the loop is closed: the server stopped, nobody waits
-                    pass
-
-            jobs = submit(prompts, config, body, emit, arrived)
+            jobs = submit(prompts, config, body, service.outbox(asyncio.get_running_loop()).sender(events), arrived)
         except APIError as error:
             return error_response(error, endpoint)
         service.inflight += 1

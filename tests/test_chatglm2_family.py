@@ -115,6 +115,15 @@ def test_text_is_never_read_as_control_tokens(templates):
         assert not set(ids) & {EOS, GMASK, USER} and template.tokenizer.decode(ids) == "a </s> [gMASK] <|user|>"
 
 
+def test_decode_drops_special_ids_as_the_tokenizer_does(templates):
+    """`Template.decode` drops special ids itself (PaddleNLP's skip_special_tokens is slow): the same text."""
+    for template in templates.values():
+        tokenizer, text = template.tokenizer, template.encode("你好👋！ChatGLM3-6B <|user|>")
+        controls = tokenizer.all_special_ids + [EOS, 0]  # none listed here: THUDM's specials live in SPTokenizer
+        for ids in (text, controls + text, text[:2] + controls + text[2:], controls, []):
+            assert template.decode(ids) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def test_tokenizers_register_specials_load_both_ways_and_tell_chatglm2_from_chatglm3(templates, tmp_path):
     for name, template in templates.items():
         directory = tmp_path / name

@@ -176,3 +176,15 @@ def test_tokenize_pairs_references_are_tokenizer_round_trip(cog_tokenizer):
     data = tokenize_pairs([("问", "北京是哪个国家的首都？"), ("问", "你好，世界")], GLMTemplate(cog_tokenizer), src_length=32, tgt_length=32)
     assert data.references == ["北京是哪个国家的首都?", "你好,世界"]
     assert data.targets == ["北京是哪个国家的首都？", "你好，世界"]
+
+
+def test_template_decode_drops_special_ids_as_the_tokenizer_does(cog_tokenizer):
+    """`Template.decode` drops special ids itself (PaddleNLP's skip_special_tokens is slow): same text as PaddleNLP's
+    decode, with the GLM's specials, added tokens and text ids mixed."""
+    template = GLMTemplate(cog_tokenizer)
+    text = template.encode("北京是中国的首都 [MASK] ok")
+    specials = cog_tokenizer.all_special_ids
+    for ids in (text, specials + text, text[:3] + specials[::-1] + text[3:] + specials[:2], specials, []):
+        assert template.decode(ids) == cog_tokenizer.decode(ids, skip_special_tokens=True)
+    assert template.decode(specials + text) == template.decode(text) != ""
+

@@ -5,6 +5,7 @@ The reference for every answer is `GLMRunner.generate` of that request alone, on
 fixture: the tiny demo GLM, tgt_length 12, so a long-running batch folds its slots every 12 steps)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
@@ -17,7 +18,7 @@ import pytest
 
 from infer.runner import GLMRunner
 from infer.scheduler import WIDTH_STEP, ExportedBatch, Job, Scheduler, wait_until
-from infer.server import CHAT_PAGE, serve_in_background
+from infer.server import CHAT_PAGE, EventOutbox, serve_in_background
 from paddle_glm.decoding import DecodingConfig
 
 TEXTS = ["答案：北京，上下文：北京是中国的首都，也是文化中心。", "hello world", "答案：三，上下文：一二三四五六七八九十",
@@ -459,3 +460,40 @@ def test_batch_width_follows_its_longest_prompt(runner, template):
     got.append(batch.step(token)[0])
     np.testing.assert_allclose(np.stack(got), np.stack(expected), rtol=1e-4, atol=1e-4)
     assert batch.prompt_width < batch.max_prompt_width
+
+
+def test_outbox_wakes_the_loop_once_for_the_events_put_before_it_runs():
+    """Events from another thread arrive in order on their own queues; the loop is woken once per burst, and at
+    once for the first event after a delivery."""
+    loop = asyncio.new_event_loop()
+    wakes = []
+    wake = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda callback: (wakes.append(callback), wake(callback))
+    outbox = EventOutbox(loop)
+    queues = [asyncio.Queue(), asyncio.Queue()]
+    send = [outbox.sender(q) for q in queues]
+
+    def burst(start):
+        for i in range(start, start + 10):
+            send[i % 2](("delta", i))
+
+    async def drain(count):
+        got = []
+        while len(got) < count:
+            got += [q.get_nowait() for q in queues for _ in range(q.qsize())]
+            await asyncio.sleep(0.001)
+        return got
+
+    thread = threading.Thread(target=burst, args=(0,))
+    thread.start()
+    thread.join()  # all ten put before the loop runs
+    assert len(wakes) == 1
+    got = loop.run_until_complete(drain(10))
+    assert sorted(got) == [("delta", i) for i in range(10)]
+    assert [e for e in got if e[1] % 2] == [("delta", i) for i in range(1, 10, 2)]  # each queue in order
+    burst(10)
+    assert len(wakes) == 2  # the next burst wakes it again
+    assert len(loop.run_until_complete(drain(10))) == 10
+    loop.close()
+    send[0](("done", None))  # a closed loop: dropped, no error
+

@@ -93,7 +93,11 @@ class Template:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        """The tokenizer's `decode(ids, skip_special_tokens=True)`, the special ids dropped here first: PaddleNLP
+        2.8.1 recomputes `all_special_ids` (a vocabulary lookup of every special token) for each id it decodes
+        with skip_special_tokens, ~1 ms for 25 ids, the largest host cost of a streaming server's step."""
+        special = set(self.tokenizer.all_special_ids)
+        return self.tokenizer.decode([i for i in ids if int(i) not in special])
 
     @property
     def tokenizer_size(self) -> int:
