@@ -268,8 +268,9 @@ class Scheduler:
     """Owns `batch` (an `ExportedBatch`) in one thread; `submit` jobs from any thread."""
 
     def __init__(self, batch: ExportedBatch, max_batch_size: int = 16, max_queue: int = 64,
-                 prefill_tokens: int = 512):
+                 prefill_tokens: int = 512, flush: Callable[[], None] = lambda: None):
         self.batch, self.max_batch_size, self.max_queue = batch, max_batch_size, max_queue
+        self.flush = flush  # called after listeners heard of new tokens or ends: they may hand events on together
         self.prefill_tokens = prefill_tokens  # prompt tokens prefilled between two steps (at least one prompt)
         self.incoming: "queue.Queue[Optional[Job]]" = queue.Queue()
         self.waiting: Optional[Job] = None  # pulled from `incoming` but not yet room for its rows
@@ -319,12 +320,14 @@ class Scheduler:
                 logger.exception("the scheduler's step failed")
                 self._leave(list(self.jobs), error)
                 self.batch.reset()
+            self.flush()
         for job in self.jobs + ([self.waiting] if self.waiting else []):
             job.listener.done(job, RuntimeError("the server stopped"))
         while not self.incoming.empty():
             job = self.incoming.get_nowait()
             if job is not None:
                 job.listener.done(job, RuntimeError("the server stopped"))
+        self.flush()
 
     def _next(self, block: bool) -> Optional[Job]:
         if self.waiting is not None:
@@ -365,6 +368,7 @@ class Scheduler:
                 logits, rows = self.batch.prefill(job.example, job.rows)
                 # its first tokens now, not after the round's other prompt passes (the time to first token)
                 prefilled.append((job, rows, job.advance(logits)))
+                self.flush()
             except Exception as error:
                 logger.exception("a prompt pass failed")
                 job.listener.done(job, error)

@@ -462,9 +462,9 @@ def test_batch_width_follows_its_longest_prompt(runner, template):
     assert batch.prompt_width < batch.max_prompt_width
 
 
-def test_outbox_wakes_the_loop_once_for_the_events_put_before_it_runs():
-    """Events from another thread arrive in order on their own queues; the loop is woken once per burst, and at
-    once for the first event after a delivery."""
+def test_outbox_wakes_the_loop_once_per_flush_and_delivers_every_event_in_order():
+    """Events put from another thread wait for `flush`, which wakes the loop once however many there are (and not
+    again before that wake-up ran); each queue gets its events in order."""
     loop = asyncio.new_event_loop()
     wakes = []
     wake = loop.call_soon_threadsafe
@@ -476,6 +476,8 @@ def test_outbox_wakes_the_loop_once_for_the_events_put_before_it_runs():
     def burst(start):
         for i in range(start, start + 10):
             send[i % 2](("delta", i))
+        outbox.flush()
+        outbox.flush()
 
     async def drain(count):
         got = []
@@ -486,14 +488,15 @@ def test_outbox_wakes_the_loop_once_for_the_events_put_before_it_runs():
 
     thread = threading.Thread(target=burst, args=(0,))
     thread.start()
-    thread.join()  # all ten put before the loop runs
-    assert len(wakes) == 1
+    thread.join()
+    assert len(wakes) == 1 and all(q.empty() for q in queues)
     got = loop.run_until_complete(drain(10))
     assert sorted(got) == [("delta", i) for i in range(10)]
     assert [e for e in got if e[1] % 2] == [("delta", i) for i in range(1, 10, 2)]  # each queue in order
+    outbox.flush()  # nothing new: no wake-up
     burst(10)
-    assert len(wakes) == 2  # the next burst wakes it again
+    assert len(wakes) == 2
     assert len(loop.run_until_complete(drain(10))) == 10
     loop.close()
-    send[0](("done", None))  # a closed loop: dropped, no error
-
+    send[0](("done", None))
+    outbox.flush()  # a closed loop: dropped, no error
