@@ -430,6 +430,35 @@ def test_model_prefix_served_name_and_chat_without_history(exported, runner, tem
         service.close()
 
 
+def test_a_prompt_arriving_during_a_prompt_pass_joins_that_round(runner, template):
+    """Requests that arrive while another's prompt is passed get their own pass in the same round, before the next
+    decode step (their first token does not wait for it), and still decode as they do alone."""
+    scheduler = Scheduler(ExportedBatch(runner), max_batch_size=4)
+    config = DecodingConfig(eos_token_id=template.tokenizer_size + 5, pad_token_id=template.pad_id, max_length=5)
+    first, late = (Job(template.generation_example(template.prompt_ids(text, ())[0]), config, None)
+                   for text in TEXTS[:2])
+    for job in (first, late):
+        job.listener = Recorder(scheduler)
+    prefill = scheduler.batch.prefill
+
+    def arriving_meanwhile(example, rows):
+        if example is first.example:
+            scheduler.submit(late)
+        return prefill(example, rows)
+
+    scheduler.batch.prefill = arriving_meanwhile
+    scheduler.submit(first)
+    scheduler.start()
+    try:
+        assert all(job.listener.event.wait(30) and job.listener.error is None for job in (first, late))
+    finally:
+        scheduler.stop()
+    # at each job's first token no rows ran yet: both joined in one round; then both decode together
+    assert first.listener.batch_rows[:2] == late.listener.batch_rows[:2] == [0, 2]
+    for job in (first, late):
+        assert job.sequences == runner.generate([job.example], job.config).sequences
+
+
 def test_batch_width_follows_its_longest_prompt(runner, template):
     """The shared segment holds the batch's longest prompt rounded up to WIDTH_STEP columns, not the export's
     src_length (every step reads it whole): it widens when a longer prompt joins and narrows when that row leaves,
