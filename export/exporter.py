@@ -8,8 +8,10 @@ An export directory holds:
 - `step.json` / `step.pdiparams` (Paddle Inference), `step.onnx` with --onnx (ONNX Runtime, FastDeploy): one graph
   with a dynamic query length, so the prompt pass and every decode step run the same weights, loaded once. Inputs:
   input_ids [N, q], position_ids [N, 2, q] (2-D families) or [N, q], attention_mask [N, 1, q, K + C] (0/1),
-  cache_index [1] and, per layer i, `shared_key_i`, `shared_value_i` [N / k, kv_heads, K, head_dim] and
-  `key_i`, `value_i` [N, kv_heads, C, head_dim]. Outputs: logits [N, V] of the last position, then `key_i`,
+  cache_index [1], logit_index [M] and, per layer i, `shared_key_i`, `shared_value_i` [N / k, kv_heads, K,
+  head_dim] and `key_i`, `value_i` [N, kv_heads, C, head_dim]. Outputs: logits [M, V] of the positions
+  `logit_index` (flat over the N * q tokens: each row's last for the runner, each packed prompt's last for a
+  server, `models.layers.projected`), then `key_i`,
   `value_i` with the q new tokens written at [cache_index, cache_index + q) (`models.layers.SegmentedCache`: the
   engines write them into the buffers they were given, nothing is copied between steps). The runner runs the
   prompt into a buffer of the prompt's length (shared: one masked dummy column), which then becomes the shared
@@ -48,7 +50,7 @@ from paddle_glm.prefix import FrozenPrefixModel, load_prefix
 __all__ = ["ExportArguments", "export_generation_model", "main", "EXPORT_FORMAT_VERSION", "GRAPH", "QUANT_METHODS",
            "PREFIX_FILE", "cache_input_names"]
 
-EXPORT_FORMAT_VERSION = 3  # 3: one step graph with an in-place segmented cache, prefix_cache.npy, quant
+EXPORT_FORMAT_VERSION = 4  # 3: step graph, in-place segmented cache, prefix_cache.npy, quant; 4: logit_index
 GRAPH = "step"
 CONFIG_NAME = "export_config.json"
 PREFIX_FILE = "prefix_cache.npy"
@@ -92,17 +94,18 @@ class ExportArguments:
 
 
 class StepGraph(paddle.nn.Layer):
-    """q new tokens per row over the segmented cache: logits of the last position and the written slots."""
+    """q new tokens per row over the segmented cache: logits of the positions `logit_index` and the written
+    slots."""
 
     def __init__(self, model: paddle.nn.Layer, num_layers: int):
         super().__init__()
         self.model = model
         self.num_layers = num_layers
 
-    def forward(self, input_ids, position_ids, attention_mask, cache_index, cache):
+    def forward(self, input_ids, position_ids, attention_mask, cache_index, logit_index, cache):
         layers = [SegmentedCache(*cache[4 * i + 2:4 * i + 4], *cache[4 * i:4 * i + 2], cache_index)
                   for i in range(self.num_layers)]
-        output = self.model(input_ids, position_ids, attention_mask, cache=layers, num_logits_to_keep=1)
+        output = self.model(input_ids, position_ids, attention_mask, cache=layers, logit_index=logit_index)
         written = [tensor for layer in output.past_key_values for tensor in (layer.key, layer.value)]
         return [output.logits[:, -1].astype("float32")] + written
 
@@ -127,6 +130,7 @@ def input_specs(family: Family, config, dtype: str) -> list:
         InputSpec(positions, "int64", "position_ids"),
         InputSpec([None, 1, None, None], "float32", "attention_mask"),
         InputSpec([1], "int64", "cache_index"),
+        InputSpec([None], "int64", "logit_index"),
         [InputSpec(cache_shape, dtype, name) for name in cache_input_names(family.num_layers(config))],
     ]
 

@@ -5,11 +5,13 @@ Every engine exposes the same calls (`infer.stepper.ExportedStepper` drives the 
   engine's device, zero-filled (slots not yet written must hold finite numbers: masked scores still multiply
   them) but for `head` [rows or 1, kv_heads, P, head_dim] in its first P slots (a prefix; once per batch);
 - `run(feeds, cache) -> logits`: one call of the graph; `feeds` are the small numpy inputs (input_ids,
-  position_ids, attention_mask, cache_index), `cache` the buffers in the graph's order (`cache_input_names`). The
-  graph writes the new tokens' keys and values into the `key_i` / `value_i` buffers; logits [N, V] come back;
+  position_ids, attention_mask, cache_index, logit_index), `cache` the buffers in the graph's order
+  (`cache_input_names`). The graph writes the new tokens' keys and values into the `key_i` / `value_i` buffers;
+  logits [M, V] of the positions `logit_index` [M] come back;
 - `gather(buffers, index)`: the buffers' rows in `index` order (beam search), computed by the engine.
-- `concat(first, second)`, `write_slots(buffers, slots, start)`, `resize(buffers, at, delta)`: a server's batch
-  gaining rows, folding its rows' own slots into their shared segment and widening or narrowing that segment
+- `concat(first, second)`, `write_slots(buffers, slots, start)`, `resize(buffers, at, delta)`,
+  `columns(buffers, start, stop)`: a server's batch gaining rows, folding its rows' own slots into their shared
+  segment, widening or narrowing that segment, and taking each prompt's slots out of a pass that packed several
   (`infer.scheduler`); each returns the buffers to use from then on.
 
 How each engine keeps the cache where it is (measured in bench/bench_infer.py):
@@ -36,7 +38,7 @@ __all__ = ["PaddleInferenceEngine", "OnnxRuntimeEngine", "FastDeployEngine", "cr
 
 BACKENDS = ("paddle", "onnxruntime", "fastdeploy")
 Feeds = Dict[str, np.ndarray]
-FEED_NAMES = ("input_ids", "position_ids", "attention_mask", "cache_index")
+FEED_NAMES = ("input_ids", "position_ids", "attention_mask", "cache_index", "logit_index")
 
 
 def _written(names: List[str]) -> List[int]:
@@ -113,6 +115,10 @@ class PaddleInferenceEngine:
                     for buffer in buffers]
         return [paddle.concat([buffer[:, :, :at + delta], buffer[:, :, at:]], axis=2) for buffer in buffers]
 
+    def columns(self, buffers: list, start: int, stop: int) -> list:
+        """Each buffer's slots [start, stop)."""
+        return [buffer[:, :, start:stop] for buffer in buffers]
+
 
 class OnnxRuntimeEngine:
     """An ONNX Runtime session over `step.onnx` (export with --onnx), driven through I/O binding."""
@@ -179,6 +185,10 @@ class OnnxRuntimeEngine:
     def resize(self, buffers: list, at: int, delta: int) -> list:
         return [self.ort.OrtValue.ortvalue_from_numpy(resize_axis(buffer.numpy(), at, delta, 2), self.device, 0)
                 for buffer in buffers]
+
+    def columns(self, buffers: list, start: int, stop: int) -> list:
+        return [self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(buffer.numpy()[:, :, start:stop]),
+                                                      self.device, 0) for buffer in buffers]
 
     def _gather_session(self, count: int):
         """A graph of `count` Gathers along rows, built once per buffer count."""
@@ -258,6 +268,9 @@ class FastDeployEngine:
 
     def resize(self, buffers: list, at: int, delta: int) -> list:
         return [resize_axis(buffer, at, delta, 2) for buffer in buffers]
+
+    def columns(self, buffers: list, start: int, stop: int) -> list:
+        return [buffer[:, :, start:stop] for buffer in buffers]
 
 
 def resize_axis(array: np.ndarray, at: int, delta: int, axis: int) -> np.ndarray:

@@ -165,34 +165,61 @@ class ExportedBatch:
         """A job decoded alone (beam search) with the runner's own stepper."""
         return self.runner.generate([example], config)
 
-    def prefill(self, example: Example, rows: int) -> Tuple[np.ndarray, "NewRows"]:
-        """Run `example`'s prompt alone (as the runner does: batching prompts of different lengths would change the
-        rounding of their logits, and a near tie could then flip a greedy token): the next-token logits
-        [rows, V] of `rows` rows continuing it, and those rows for `add`."""
-        input_ids = np.asarray(example["input_ids"], "int64")[None]  # [1, L]
-        positions = np.asarray(example["position_ids"], "int64")[None]  # [1, P, L]
-        length, prefix = input_ids.shape[1], self.prefix_tokens
-        if prefix + length > self.max_prompt_width:
-            raise ValueError(f"a prompt of {length} tokens exceeds the {self.max_prompt_width - prefix} this batch "
-                             "holds")
-        kp = self._rounded(prefix + length)
-        width = kp + self.capacity
-        # columns: one masked dummy shared column | the prefix | the prompt | the rest of the row's shared width
-        mask = np.zeros([1, 1, length, 1 + width], "float32")
+    def prefill(self, examples: List[Example], rows: List[int]) -> Tuple[List[np.ndarray], List["NewRows"]]:
+        """The prompts packed into one row of one pass, which reads every weight once for all of them, and
+        projects each prompt's last position only (prompts arriving together: see `_admit`): per prompt the
+        next-token logits [rows[i], V] of the rows continuing it, and those rows for `add`. A prompt's queries see
+        only its own keys and the prefix (the others' are masked out, as a batch step masks the other rows'): its
+        logits are those of its pass alone but for rounding, as a row's in a batch step."""
+        lengths = [len(example["input_ids"]) for example in examples]
+        for length in lengths:
+            if self.prefix_tokens + length > self.max_prompt_width:
+                raise ValueError(f"a prompt of {length} tokens exceeds the {self.max_prompt_width - self.prefix_tokens}"
+                                 " this batch holds")
+        widths = [self._rounded(self.prefix_tokens + length) + self.capacity for length in lengths]
+        logits, buffers = self._pass(examples, lengths, widths)
+        news = [self._rows(example, count, filled, width)
+                for example, count, filled, width in zip(examples, rows, buffers, widths)]
+        return [np.repeat(logits[i:i + 1], count, axis=0) for i, count in enumerate(rows)], news
+
+    def _pass(self, examples: List[Example], lengths: List[int], widths: List[int]) -> Tuple[np.ndarray, list]:
+        """The prompt pass: last-position logits [len(examples), V] and per prompt its buffers [1, kv, width, hd]
+        (the prefix, then the prompt's keys and values)."""
+        prefix, heads = self.prefix_tokens, prefix_heads(self.prefix, self.layers)
+        total, starts = sum(lengths), np.cumsum([0] + lengths)[:-1]
+        # one prompt: straight into its row's buffers; several: one packed row, then each prompt's columns copied
+        columns = widths[0] if len(examples) == 1 else prefix + total
+        packed = [self.engine.buffer([1, self.heads, columns, self.head_dim], head) for head in heads]
+        # columns: one masked dummy shared column | the prefix | the prompts | (one prompt) the rest of its row
+        mask = np.zeros([1, 1, total, 1 + columns], "float32")
         mask[..., 1:1 + prefix] = 1.0
-        sep = np.array([int(example["attention_mask"])])
-        mask[..., 1 + prefix:1 + prefix + length] = prefill_attention_mask(np.ones([1, length], "float32"), sep)
-        heads = prefix_heads(self.prefix, self.layers)
-        filled = [self.engine.buffer([1, self.heads, width, self.head_dim], head) for head in heads]
+        for example, start, length in zip(examples, starts, lengths):
+            inside = prefill_attention_mask(np.ones([1, length], "float32"), example["attention_mask"][None])
+            mask[0, 0, start:start + length, 1 + prefix + start:1 + prefix + start + length] = inside[0, 0]
+        input_ids = np.concatenate([example["input_ids"] for example in examples]).astype("int64")[None]
+        positions = np.concatenate([example["position_ids"] for example in examples], axis=1).astype("int64")[None]
         empty = self.engine.buffer([1, self.heads, 1, self.head_dim])
-        logits = run_step(self.engine, input_ids, model_positions(positions), mask, prefix, [empty] * len(filled), filled)
-        row_mask = np.zeros([rows, width + self.capacity], "float32")
-        row_mask[:, :prefix + length] = 1.0
-        new = NewRows(self.engine.gather(filled, np.zeros(rows, "int64")) if rows > 1 else filled, row_mask,
-                      np.repeat(positions[:, :, -1], rows, axis=0),
-                      np.repeat(np.asarray(example["position_step"], "int64")[None], rows, axis=0), kp,
-                      np.full(rows, prefix + length, "int64"))
-        return np.repeat(logits, rows, axis=0), new
+        logits = run_step(self.engine, input_ids, model_positions(positions), mask, prefix, [empty] * len(packed),
+                          packed, logit_index=starts + np.asarray(lengths) - 1)
+        if len(examples) == 1:
+            return logits, [packed]
+        buffers = []
+        for start, length, width in zip(starts, lengths, widths):
+            filled = [self.engine.buffer([1, self.heads, width, self.head_dim], head) for head in heads]
+            own = self.engine.columns(packed, prefix + int(start), prefix + int(start) + length)
+            buffers.append(self.engine.write_slots(filled, own, prefix))
+        return logits, buffers
+
+    def _rows(self, example: Example, rows: int, buffers: list, width: int) -> "NewRows":
+        """`rows` rows continuing `example`'s prompt, whose pass filled `buffers` [1, kv, width, hd]."""
+        columns = self.prefix_tokens + len(example["input_ids"])
+        mask = np.zeros([rows, width + self.capacity], "float32")
+        mask[:, :columns] = 1.0
+        last = np.asarray(example["position_ids"], "int64")[None, :, -1]
+        step = np.asarray(example["position_step"], "int64")[None]
+        return NewRows(self.engine.gather(buffers, np.zeros(rows, "int64")) if rows > 1 else buffers, mask,
+                       np.repeat(last, rows, axis=0), np.repeat(step, rows, axis=0), width - self.capacity,
+                       np.full(rows, columns, "int64"))
 
     def add(self, new: List["NewRows"]) -> None:
         """Append prefilled rows to the batch: one copy of the batch's buffers however many join (and one more to
@@ -340,21 +367,45 @@ class Scheduler:
         return job
 
     def _admit(self, block: bool) -> None:
-        """Prefill waiting jobs (FIFO), and those arriving during these prompt passes, while their rows fit and
-        their prompt tokens stay within `prefill_tokens` (at least one job: running rows wait for the prefills, so
-        this bounds their stall), each choosing its first tokens right after its prompt pass, then add them to the
-        batch at once; beam jobs run to the end here. A job arriving during these prompt passes joins them rather
-        than wait for the next decode step (4 clients sending together, 2-layer glm-large shape: time to first
-        token p50 78-80 -> 61-64 ms, p99 112-116 -> 91-106)."""
-        chosen: List[Job] = []  # taken for a prompt pass this round
-        prefilled = []
+        """Pass the prompts of the jobs waiting (FIFO) while their rows fit and their prompt tokens stay within
+        `prefill_tokens` (at least one job: running rows wait for the passes, so this bounds their stall), packed
+        into one pass (`ExportedBatch.prefill`); each job chooses its first tokens right after it. Jobs arriving
+        during that pass get the next one, in the same round, rather than wait for the next decode step. Then all
+        join the batch at once. Beam jobs run to the end here. (4 clients sending together, 2-layer glm-large
+        shape: see the README's serving table.)"""
+        joining: List[Tuple[Job, NewRows, bool]] = []  # (job, its rows, done already)
         budget = self.prefill_tokens
         while self.running:
-            job = self._next(block and not self.jobs and not chosen)
-            if job is None or job.rows + self.running_rows + sum(j.rows for j in chosen) > self.max_batch_size:
+            group, budget = self._take(block and not self.jobs and not joining, budget,
+                                       sum(job.rows for job, _, _ in joining))
+            if not group:
+                break
+            try:
+                logits, rows = self.batch.prefill([job.example for job in group], [job.rows for job in group])
+            except Exception as error:
+                logger.exception("a prompt pass failed")
+                for job in group:
+                    job.listener.done(job, error)
+                continue
+            joining.extend((job, new, job.advance(first)) for job, new, first in zip(group, rows, logits))
+            self.flush()
+        if joining:
+            self.jobs.extend(job for job, _, _ in joining)  # first: if adding fails, the loop fails them with the rest
+            self.batch.add([rows for _, rows, _ in joining])
+            self._leave([job for job, _, done in joining if done])
+
+    def _take(self, block: bool, budget: int, taken_rows: int) -> Tuple[List[Job], int]:
+        """The jobs waiting now (FIFO) whose rows fit beside `taken_rows` and the batch's, and whose prompt tokens
+        fit `budget` (at least one job a round: `taken_rows` 0), and the budget left. Cancelled jobs end here and
+        beam jobs run here."""
+        group: List[Job] = []
+        while self.running:
+            job = self._next(block and not group)
+            rows = taken_rows + sum(j.rows for j in group) + self.running_rows
+            if job is None or job.rows + rows > self.max_batch_size:
                 break
             cost = len(job.example["input_ids"])
-            if chosen and cost > budget:
+            if (group or taken_rows) and cost > budget:
                 break
             budget -= cost
             self.waiting = None
@@ -365,20 +416,8 @@ class Scheduler:
             elif job.beam:
                 self._run_beam(job)
             else:
-                chosen.append(job)
-                try:
-                    logits, rows = self.batch.prefill(job.example, job.rows)
-                    # its first tokens now, not after the round's other prompt passes (the time to first token)
-                    prefilled.append((job, rows, job.advance(logits)))
-                    self.flush()
-                except Exception as error:
-                    logger.exception("a prompt pass failed")
-                    job.listener.done(job, error)
-        if not prefilled:
-            return
-        self.jobs.extend(job for job, _, _ in prefilled)  # first: if adding fails, the loop fails them with the rest
-        self.batch.add([rows for _, rows, _ in prefilled])
-        self._leave([job for job, _, done in prefilled if done])
+                group.append(job)
+        return group, budget
 
     def _run_beam(self, job: Job) -> None:
         try:

@@ -95,11 +95,17 @@ class ExportedStepper:
         self.positions = [model_positions(p[:, :, None]) for p in last[None] + counts * step[None]]
 
 
-def run_step(engine, input_ids, position_ids, attention_mask, start: int, shared: List, own: List) -> np.ndarray:
+def run_step(engine, input_ids, position_ids, attention_mask, start: int, shared: List, own: List,
+             logit_index: Optional[np.ndarray] = None) -> np.ndarray:
     """One call of the step graph: the new tokens' ids [N, q], positions, mask [N, 1, q, K + C] and the slot
-    `start` where their keys and values go; `shared` / `own` hold each layer's key and value buffers in turn."""
+    `start` where their keys and values go; `shared` / `own` hold each layer's key and value buffers in turn.
+    Logits [M, V] of the positions `logit_index` (flat over the N * q tokens; default: each row's last)."""
+    rows, length = input_ids.shape
+    if logit_index is None:
+        logit_index = np.arange(rows, dtype="int64") * length + length - 1
     feeds = {"input_ids": np.ascontiguousarray(input_ids), "position_ids": np.ascontiguousarray(position_ids),
-             "attention_mask": np.ascontiguousarray(attention_mask), "cache_index": np.array([start], dtype="int64")}
+             "attention_mask": np.ascontiguousarray(attention_mask), "cache_index": np.array([start], dtype="int64"),
+             "logit_index": np.asarray(logit_index, dtype="int64")}
     cache = [buffer for layer in range(len(own) // 2)
              for buffer in (shared[2 * layer], shared[2 * layer + 1], own[2 * layer], own[2 * layer + 1])]
     return engine.run(feeds, cache)

@@ -29,7 +29,7 @@ def test_export_writes_graphs_tokenizer_and_config(exported):
     config = json.load(open(os.path.join(exported["dir"], "export_config.json")))
     template = load_template(exported["dir"])
     tokenizer = template.tokenizer
-    assert config["format_version"] == 3 and config["dtype"] == "float32" and config["family"] == "glm"
+    assert config["format_version"] == 4 and config["dtype"] == "float32" and config["family"] == "glm"
     assert config["graph"] == "step" and config["quant"] is None and config["prefix_tokens"] == 0
     assert (config["tgt_length"], config["src_length"]) == (12, 256 - 12)
     assert config["special_ids"]["eop"] == tokenizer.eop_token_id and config["tokenizer_size"] == len(tokenizer)

@@ -441,10 +441,10 @@ def test_a_prompt_arriving_during_a_prompt_pass_joins_that_round(runner, templat
         job.listener = Recorder(scheduler)
     prefill = scheduler.batch.prefill
 
-    def arriving_meanwhile(example, rows):
-        if example is first.example:
+    def arriving_meanwhile(examples, rows):
+        if examples[0] is first.example:
             scheduler.submit(late)
-        return prefill(example, rows)
+        return prefill(examples, rows)
 
     scheduler.batch.prefill = arriving_meanwhile
     scheduler.submit(first)
@@ -459,35 +459,41 @@ def test_a_prompt_arriving_during_a_prompt_pass_joins_that_round(runner, templat
         assert job.sequences == runner.generate([job.example], job.config).sequences
 
 
-def test_batch_width_follows_its_longest_prompt(runner, template):
-    """The shared segment holds the batch's longest prompt rounded up to WIDTH_STEP columns, not the export's
-    src_length (every step reads it whole): it widens when a longer prompt joins and narrows when that row leaves,
-    and the short prompt's row steps to the logits it has alone throughout."""
+def test_packed_prompts_and_batch_width_give_each_row_its_logits_alone(runner, template):
+    """Prompts packed into one pass (`ExportedBatch.prefill`) get the logits and fill the cache as in a pass of
+    their own: each row's first logits and steps equal the runner's for its prompt alone. The shared segment holds
+    the batch's longest prompt rounded up to WIDTH_STEP columns, not the export's src_length (every step reads it
+    whole): it widens when a longer prompt joins and narrows when that row leaves."""
     def example(text):
         return template.generation_example(template.prompt_ids(text, ())[0])
 
-    short, long = example(TEXTS[1]), example(TEXTS[0] * 2)
-    assert len(short["input_ids"]) < WIDTH_STEP < len(long["input_ids"]) <= 3 * WIDTH_STEP
-    alone = ExportedBatch(runner)
-    logits, rows = alone.prefill(short, 1)
-    alone.add([rows])
-    token = np.array([int(logits[0].argmax())])
-    expected = [alone.step(token)[0] for _ in range(3)]
+    def alone(prompt, tokens):
+        stepper = runner.stepper([prompt], DecodingConfig(template.stop_ids, template.pad_id, max_length=4))
+        return [stepper.prefill(1)[0]] + [stepper.step(np.array([token]))[0] for token in tokens]
 
+    short, other, long = example(TEXTS[1]), example(TEXTS[3]), example(TEXTS[0] * 2)
+    assert len(short["input_ids"]) < WIDTH_STEP < len(long["input_ids"]) <= 3 * WIDTH_STEP
+    tokens = [5, 7, 9]
     batch = ExportedBatch(runner)
-    _, rows = batch.prefill(short, 1)
-    batch.add([rows])
+    first, rows = batch.prefill([short, other], [1, 2])  # one pass; `other` continued by two rows
+    batch.add(rows)
     assert batch.prompt_width == WIDTH_STEP and batch.shared[0].shape[2] == WIDTH_STEP + batch.capacity
-    got = [batch.step(token)[0]]
-    _, rows = batch.prefill(long, 1)
-    batch.add([rows])  # joins between two steps: the segment widens
+    got = [np.stack([first[0][0], first[1][0], first[1][1]]), batch.step(np.array(tokens))]
+    batch.keep(np.array([0, 1]))  # one of `other`'s rows left
+    late, rows = batch.prefill([long], [1])
+    batch.add(rows)  # joins between two steps: the segment widens
     wide = -(-len(long["input_ids"]) // WIDTH_STEP) * WIDTH_STEP
     assert batch.prompt_width == wide and batch.shared[0].shape[2] == wide + batch.capacity
-    got.append(batch.step(np.array([token[0], 5]))[0])
-    batch.keep(np.array([0]))  # the long prompt's request left
+    got.append(batch.step(np.array(tokens)))
+    batch.keep(np.array([0, 1]))  # the long prompt's request left
     assert batch.prompt_width == WIDTH_STEP and batch.shared[0].shape[2] == WIDTH_STEP + batch.capacity
-    got.append(batch.step(token)[0])
-    np.testing.assert_allclose(np.stack(got), np.stack(expected), rtol=1e-4, atol=1e-4)
+    got.append(batch.step(np.array(tokens[:2])))
+    expected = [alone(short, tokens[:1] * 3), alone(other, tokens[1:2] * 3)]  # each row is fed its token each step
+    np.testing.assert_allclose(got[0], [expected[0][0], expected[1][0], expected[1][0]], rtol=1e-4, atol=1e-4)
+    for step in range(1, 4):
+        np.testing.assert_allclose(got[step][:2], [expected[0][step], expected[1][step]], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(late[0][0], alone(long, [])[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got[2][2], alone(long, tokens[2:])[1], rtol=1e-4, atol=1e-4)
     assert batch.prompt_width < batch.max_prompt_width
 
 

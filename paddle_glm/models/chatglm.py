@@ -51,7 +51,7 @@ from ..parallel import VocabParallelEmbedding, tensor_parallel_degree
 from .family import Family, History, Template
 from .layers import (
     KVCache, StrictLoading, attend_cached, default_position_ids, lm_head, loss_positions, mask_bias, parallel_linear,
-    rows_first_projection,
+    projected, rows_first_projection,
 )
 from .release import THUDM_CHATGLM_MODEL_CODE, THUDM_CHATGLM_TOKENIZER, Derived, Release
 
@@ -313,8 +313,10 @@ class ChatGLMForCausalLM(ChatGLMPretrainedModel):
         loss_positions_only: bool = False,
         return_dict: bool = True,
         use_cache: bool = True,
+        logit_index: Optional[Tensor] = None,
     ):
-        """Logits [B, S, V] (or the last `num_logits_to_keep` positions), loss if `labels`, and the cache.
+        """Logits [B, S, V] (or of the last `num_logits_to_keep` positions, or of the positions `logit_index`:
+        `layers.projected`), loss if `labels`, and the cache.
 
         `position_ids` [B, 2, S] (default: positions from the cache length on, block positions 0);
         `attention_mask`: 1-D sep [B] or dense [B, 1, S, cache + S] (default: fully bidirectional).
@@ -329,8 +331,7 @@ class ChatGLMForCausalLM(ChatGLMPretrainedModel):
         if attention_mask is None:
             attention_mask = paddle.full([batch], cache_length + length, dtype="int64")
         hidden_states, new_cache = self.chatglm(input_ids, position_ids, attention_mask, cache)
-        if num_logits_to_keep:
-            hidden_states = hidden_states[:, -num_logits_to_keep:]
+        hidden_states = projected(hidden_states, num_logits_to_keep, logit_index)
         if loss_positions_only and labels is not None and loss_mask is not None:
             hidden_states, labels, loss_mask = loss_positions(hidden_states, labels, loss_mask)
         if label_smoothing is None:

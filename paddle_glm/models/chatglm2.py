@@ -49,7 +49,9 @@ from ..parallel import (
     ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, model_parallel_group, tensor_parallel_degree,
 )
 from .family import Family, History, Template
-from .layers import KVCache, StrictLoading, attend_cached, lm_head, loss_positions, mask_bias, parallel_linear
+from .layers import (
+    KVCache, StrictLoading, attend_cached, lm_head, loss_positions, mask_bias, parallel_linear, projected,
+)
 from .release import THUDM_CHATGLM_MODEL_CODE, THUDM_CHATGLM_TOKENIZER, Release
 
 __all__ = [
@@ -435,8 +437,10 @@ class ChatGLMv2ForCausalLM(ChatGLMv2PretrainedModel):
         loss_positions_only: bool = False,
         return_dict: bool = True,
         use_cache: bool = True,
+        logit_index: Optional[Tensor] = None,
     ):
-        """Logits [B, S, V] (or the last `num_logits_to_keep` positions), loss if `labels`, and the cache.
+        """Logits [B, S, V] (or of the last `num_logits_to_keep` positions, or of the positions `logit_index`:
+        `layers.projected`), loss if `labels`, and the cache.
 
         `position_ids` [B, S] (default cache_len .. cache_len + S - 1; left-padded rows count from their
         first real token, as THUDM's tokenizer pads them). `attention_mask`: None (causal), 1-D sep [B]
@@ -454,8 +458,7 @@ class ChatGLMv2ForCausalLM(ChatGLMv2PretrainedModel):
         if attention_mask is None:
             attention_mask = paddle.zeros([batch], dtype="int64")  # sep 0: causal
         hidden_states, new_cache = self.chatglm_v2(input_ids, position_ids, attention_mask, cache)
-        if num_logits_to_keep:
-            hidden_states = hidden_states[:, -num_logits_to_keep:]
+        hidden_states = projected(hidden_states, num_logits_to_keep, logit_index)
         if labels is not None and loss_mask is None:
             loss_mask = (labels != IGNORE_INDEX).astype("float32")
             labels = paddle.where(labels == IGNORE_INDEX, paddle.zeros_like(labels), labels)

@@ -11,7 +11,8 @@ which family they drive:
   query, the rest is causal: GLM's part A, ChatGLM's prompt prefix; 0 = plain causal) or a dense
   `[B, 1, q, cache + q]` mask used as given;
 - `forward(input_ids, position_ids, attention_mask, labels, loss_mask, cache, label_smoothing,
-  num_logits_to_keep, loss_positions_only, return_dict, use_cache)` returns logits, loss and the new cache.
+  num_logits_to_keep, loss_positions_only, return_dict, use_cache, logit_index)` returns logits, loss and the new
+  cache; the output projection reads `projected(hidden_states, num_logits_to_keep, logit_index)`.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from ..parallel import (
 
 __all__ = [
     "KVCache", "SegmentedCache", "MASKED", "attend_cached", "rows_first_projection", "default_position_ids", "sep_to_dense_mask", "mask_bias", "parallel_linear", "attend", "lm_head", "lm_loss",
+    "projected",
     "masked_mean", "loss_positions", "StrictLoading",
 ]
 
@@ -193,6 +195,19 @@ def default_position_ids(batch: int, length: int, start: int) -> Tensor:
     """2-D positions [B, 2, S] of a text without blanks: start..start+S-1 and block positions 0 (GLM, ChatGLM-6B)."""
     positions = paddle.arange(start, start + length, dtype="int64")
     return paddle.stack([positions, paddle.zeros_like(positions)]).unsqueeze(0).expand([batch, 2, length])
+
+
+def projected(hidden_states: Tensor, num_logits_to_keep: int = 0, logit_index: Optional[Tensor] = None) -> Tensor:
+    """The hidden states [B, S, H] the output projection reads: the last `num_logits_to_keep` positions (0: all),
+    or the positions `logit_index` [M] (int64, flat over the B * S tokens) as [M, 1, H]. An exported step graph
+    takes `logit_index` as an input: a server passes the prompts of requests arriving together packed into one
+    row, and projects each prompt's last position only (the projection is most of a short prompt's pass:
+    glm-large's 50048 x 1024, ~8 of a 16 ms pass on 2 cores)."""
+    if logit_index is not None:
+        return paddle.gather(hidden_states.reshape([-1, hidden_states.shape[-1]]), logit_index).unsqueeze(1)
+    if num_logits_to_keep:
+        hidden_states = hidden_states[:, -num_logits_to_keep:]
+    return hidden_states
 
 
 ROWS_FIRST = (4, 256)  # rows of a dynamic-graph projection without labels computed rows first (`lm_head`)
