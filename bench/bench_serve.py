@@ -48,6 +48,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--new_tokens", type=int, default=24, help="tokens generated per request")
     parser.add_argument("--backend", choices=("paddle", "onnxruntime"), default="onnxruntime",
                         help="the engine of both servers (onnxruntime batches rows best on CPU: bench_infer.py)")
+    parser.add_argument("--batch_wait_ms", type=float, default=0.0,
+                        help="the continuous-batching server's --batch_wait_ms (default 0, the server's default)")
     parser.add_argument("--smoke", action="store_true", help="the tiny model, 1 and 4 clients, 4 tokens: seconds")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -98,7 +100,8 @@ def large_export(root: str, new_tokens: int, backend: str) -> Tuple[str, str]:
 
 # ---------------------------------------------------------------------------------------------------- the clients
 
-def start_server(export_dir: str, backend: str, max_batch_size: int, log_path: str) -> Tuple[subprocess.Popen, str]:
+def start_server(export_dir: str, backend: str, max_batch_size: int, log_path: str,
+                 batch_wait_ms: float = 0.0) -> Tuple[subprocess.Popen, str]:
     import httpx
 
     with socket.socket() as probe:
@@ -108,7 +111,8 @@ def start_server(export_dir: str, backend: str, max_batch_size: int, log_path: s
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve_generation.py"), "--model_path",
                                 export_dir, "--backend", backend, "--port", str(port), "--max_batch_size",
                                 str(max_batch_size),
-                                "--max_queue", "1024", "--request_timeout", "3600"],
+                                "--max_queue", "1024", "--request_timeout", "3600", "--batch_wait_ms",
+                                str(batch_wait_ms)],
                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -167,14 +171,15 @@ async def run_level(url: str, clients: int, requests: int, new_tokens: int) -> D
 def bench_model(export_dir: str, label: str, args, root: str) -> Dict[Tuple[str, int], Dict[str, float]]:
     levels = [int(c) for c in args.clients.split(",")]
     rows = {}
-    for mode, batch in (("one at a time", 1), ("continuous batching", max(levels))):
-        process, url = start_server(export_dir, args.backend, batch, os.path.join(root, f"server-{batch}.log"))
+    for mode, batch, wait in (("one at a time", 1, 0.0), ("continuous batching", max(levels), args.batch_wait_ms)):
+        shown = mode + (f", --batch_wait_ms {wait:g}" if wait else "")
+        process, url = start_server(export_dir, args.backend, batch, os.path.join(root, f"server-{batch}.log"), wait)
         try:
             asyncio.run(run_level(url, 1, 1, args.new_tokens))  # warm-up
             for clients in levels:
                 row = asyncio.run(run_level(url, clients, clients * args.requests_per_client, args.new_tokens))
                 rows[(mode, clients)] = row
-                print(f"| {label} | {mode} | {clients} | {row['tokens_per_s']:.1f} | {row['requests_per_s']:.2f} | "
+                print(f"| {label} | {shown} | {clients} | {row['tokens_per_s']:.1f} | {row['requests_per_s']:.2f} | "
                       f"{row['ttft_p50'] * 1e3:.0f} | {row['ttft_p99'] * 1e3:.0f} | {row['itl_p50'] * 1e3:.1f} | "
                       f"{row['itl_p99'] * 1e3:.1f} |", flush=True)
         finally:

@@ -295,10 +295,11 @@ class Scheduler:
     """Owns `batch` (an `ExportedBatch`) in one thread; `submit` jobs from any thread."""
 
     def __init__(self, batch: ExportedBatch, max_batch_size: int = 16, max_queue: int = 64,
-                 prefill_tokens: int = 512, flush: Callable[[], None] = lambda: None):
+                 prefill_tokens: int = 512, flush: Callable[[], None] = lambda: None, batch_wait: float = 0.0):
         self.batch, self.max_batch_size, self.max_queue = batch, max_batch_size, max_queue
         self.flush = flush  # called after listeners heard of new tokens or ends: they may hand events on together
         self.prefill_tokens = prefill_tokens  # prompt tokens prefilled between two steps (at least one prompt)
+        self.batch_wait = batch_wait  # seconds a request arriving at an idle batch waits for others to share its pass
         self.incoming: "queue.Queue[Optional[Job]]" = queue.Queue()
         self.waiting: Optional[Job] = None  # pulled from `incoming` but not yet room for its rows
         self.jobs: List[Job] = []  # in batch row order
@@ -356,11 +357,12 @@ class Scheduler:
                 job.listener.done(job, RuntimeError("the server stopped"))
         self.flush()
 
-    def _next(self, block: bool) -> Optional[Job]:
+    def _next(self, wait: float) -> Optional[Job]:
+        """The job waiting to be taken, waiting at most `wait` seconds for one."""
         if self.waiting is not None:
             return self.waiting
         try:
-            job = self.incoming.get(timeout=0.5) if block else self.incoming.get_nowait()
+            job = self.incoming.get(timeout=wait) if wait > 0 else self.incoming.get_nowait()
         except queue.Empty:
             return None
         self.waiting = job
@@ -396,12 +398,22 @@ class Scheduler:
 
     def _take(self, block: bool, budget: int, taken_rows: int) -> Tuple[List[Job], int]:
         """The jobs waiting now (FIFO) whose rows fit beside `taken_rows` and the batch's, and whose prompt tokens
-        fit `budget` (at least one job a round: `taken_rows` 0), and the budget left. Cancelled jobs end here and
-        beam jobs run here."""
+        fit `budget` (at least one job a round: `taken_rows` 0), and the budget left. With `block` (an idle batch)
+        it waits for a first job, then `batch_wait` seconds for others to share its pass. Cancelled jobs end here
+        and beam jobs run here."""
         group: List[Job] = []
+        until = None  # when a blocking take stops waiting for more jobs
         while self.running:
-            job = self._next(block and not group)
             rows = taken_rows + sum(j.rows for j in group) + self.running_rows
+            if rows >= self.max_batch_size:
+                break
+            if until is None:
+                wait = 0.5 if block else 0.0
+            else:
+                wait = until - time.monotonic()
+            job = self._next(wait)
+            if until is None and block and job is not None:
+                until = time.monotonic() + self.batch_wait
             if job is None or job.rows + rows > self.max_batch_size:
                 break
             cost = len(job.example["input_ids"])

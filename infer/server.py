@@ -65,6 +65,11 @@ class ServeArguments:
     max_prefill_tokens: int = field(default=512, metadata={"help": "Prompt tokens prefilled between two decode steps "
                                                                    "(at least one prompt): bounds how long running "
                                                                    "requests wait for new ones to join."})
+    batch_wait_ms: float = field(default=0.0, metadata={"help": "Milliseconds a request arriving at an idle server "
+                                                                "waits for others to share its prompt pass (clients "
+                                                                "sending together: one pass for all, each request's "
+                                                                "first token sooner; a lone request's later by as "
+                                                                "much). 0: none."})
     request_timeout: float = field(default=300.0, metadata={"help": "Seconds a request may take, queue included; "
                                                                     "then 504 (or an error event when streaming)."})
     api_key: Optional[str] = field(default=None, metadata={"help": "Require `Authorization: Bearer KEY` on /v1/."})
@@ -172,7 +177,7 @@ class Service:
         self.limits = Limits(config["src_length"], config["tgt_length"], args.max_batch_size)
         self.outboxes: Dict[asyncio.AbstractEventLoop, EventOutbox] = {}
         self.scheduler = Scheduler(ExportedBatch(runner), args.max_batch_size, args.max_queue,
-                                   args.max_prefill_tokens, self.flush_events).start()
+                                   args.max_prefill_tokens, self.flush_events, args.batch_wait_ms / 1000).start()
         self.model_id = args.served_model_name or name
         self.created = int(time.time())
         self.draining = False
@@ -507,6 +512,8 @@ def parse_arguments(argv: Optional[List[str]]) -> ServeArguments:
                 if getattr(args, name) < 1]
     if args.backend not in BACKENDS:
         problems.append(f"--backend {args.backend}: choose one of {', '.join(BACKENDS)}")
+    if not 0 <= args.batch_wait_ms <= 1000:
+        problems.append(f"--batch_wait_ms {args.batch_wait_ms}: must lie in [0, 1000]")
     if not 0 <= args.port < 65536:
         problems.append(f"--port {args.port}: must lie in [0, 65535]")
     if not args.request_timeout > 0:

@@ -19,6 +19,7 @@ import pytest
 from infer.runner import GLMRunner
 from infer.scheduler import WIDTH_STEP, ExportedBatch, Job, Scheduler, wait_until
 from infer.server import CHAT_PAGE, EventOutbox, serve_in_background
+from paddle_glm.args import InputError
 from paddle_glm.decoding import DecodingConfig
 
 TEXTS = ["答案：北京，上下文：北京是中国的首都，也是文化中心。", "hello world", "答案：三，上下文：一二三四五六七八九十",
@@ -404,7 +405,8 @@ def test_prefill_budget_bounds_the_prompts_joining_between_two_steps(runner, tem
 
 def test_model_prefix_served_name_and_chat_without_history(exported, runner, template):
     """--model_path DIR --model_prefix P serves DIR/P under --served_model_name; --chat_history false answers the
-    last user message alone (GLM's question-generation models), --max_prefill_tokens reaches the scheduler."""
+    last user message alone (GLM's question-generation models); --max_prefill_tokens and --batch_wait_ms reach the
+    scheduler, a negative wait is refused."""
     from infer.server import Service, parse_arguments
 
     parent, prefix = os.path.split(exported["dir"].rstrip("/"))
@@ -423,11 +425,14 @@ def test_model_prefix_served_name_and_chat_without_history(exported, runner, tem
             client.chat.completions.create(model="export", messages=messages, max_tokens=8, temperature=0)
     finally:
         stop()
-    service = Service(parse_arguments(["--model_path", exported["dir"], "--max_prefill_tokens", "7"]))
+    service = Service(parse_arguments(["--model_path", exported["dir"], "--max_prefill_tokens", "7",
+                                       "--batch_wait_ms", "2.5"]))
     try:
-        assert service.scheduler.prefill_tokens == 7
+        assert service.scheduler.prefill_tokens == 7 and service.scheduler.batch_wait == 0.0025
     finally:
         service.close()
+    with pytest.raises(InputError, match=r"--batch_wait_ms -1.0: must lie in \[0, 1000\]"):
+        parse_arguments(["--model_path", exported["dir"], "--batch_wait_ms", "-1"])
 
 
 def test_a_prompt_arriving_during_a_prompt_pass_joins_that_round(runner, template):
@@ -456,6 +461,34 @@ def test_a_prompt_arriving_during_a_prompt_pass_joins_that_round(runner, templat
     # at each job's first token no rows ran yet: both joined in one round; then both decode together
     assert first.listener.batch_rows[:2] == late.listener.batch_rows[:2] == [0, 2]
     for job in (first, late):
+        assert job.sequences == runner.generate([job.example], job.config).sequences
+
+
+def test_requests_arriving_within_batch_wait_share_one_prompt_pass(runner, template):
+    """With --batch_wait_ms, a request arriving at an idle server waits that long for others: one arriving 0.1 s
+    later is passed with it (one prompt pass for both), and both decode as they do alone."""
+    scheduler = Scheduler(ExportedBatch(runner), max_batch_size=4, batch_wait=0.6)
+    config = DecodingConfig(eos_token_id=template.tokenizer_size + 5, pad_token_id=template.pad_id, max_length=4)
+    jobs = [Job(template.generation_example(template.prompt_ids(text, ())[0]), config, None) for text in TEXTS[:2]]
+    passes = []
+    prefill = scheduler.batch.prefill
+
+    def recorded(examples, rows):
+        passes.append(len(examples))
+        return prefill(examples, rows)
+
+    scheduler.batch.prefill = recorded
+    scheduler.start()
+    try:
+        for job in jobs:
+            job.listener = Recorder(scheduler)
+            scheduler.submit(job)
+            threading.Event().wait(0.1)
+        assert all(job.listener.event.wait(30) and job.listener.error is None for job in jobs)
+    finally:
+        scheduler.stop()
+    assert passes == [2]
+    for job in jobs:
         assert job.sequences == runner.generate([job.example], job.config).sequences
 
 
