@@ -1,7 +1,8 @@
 """Continuous batching: one thread owns the model; requests join the running decode batch between steps.
 
-Every request (a `Job`: one prompt, `n` rows for its samples) is prefilled alone, chooses its first tokens from
-the prompt's logits, and its rows join the batch before the next step; a job whose rows are all finished (or
+Every request (a `Job`: one prompt, `n` rows for its samples) is prefilled (the prompts taken together packed into
+one pass, each seeing only itself), chooses its first tokens from its prompt's logits, and its rows join the batch
+before the next step; a job whose rows are all finished (or
 that is cancelled: its client went away, its time ran out) leaves before the next step. Tokens are chosen per job
 with `paddle_glm.decoding.decode_step` and a chooser of the job's own (its own seeded generator, drawing one
 number per row of the job at every step, as `decoding.generate` does for that request alone): what a request
