@@ -11,11 +11,11 @@ An export directory holds:
   cache_index [1], logit_index [M] and, per layer i, `shared_key_i`, `shared_value_i` [N / k, kv_heads, K,
   head_dim] and `key_i`, `value_i` [N, kv_heads, C, head_dim]. Outputs: logits [M, V] of the positions
   `logit_index` (flat over the N * q tokens: each row's last for the runner, each packed prompt's last for a
-  server, `models.layers.projected`), then `key_i`,
-  `value_i` with the q new tokens written at [cache_index, cache_index + q) (`models.layers.SegmentedCache`: the
-  engines write them into the buffers they were given, nothing is copied between steps). The runner runs the
-  prompt into a buffer of the prompt's length (shared: one masked dummy column), which then becomes the shared
-  segment of the k beams or samples that continue it; their own tokens go to C = max new tokens slots per row;
+  server, `models.layers.projected`), then `key_i`, `value_i` with the q new tokens written at [cache_index,
+  cache_index + q) (`models.layers.SegmentedCache`: the engines write them into the buffers they were given,
+  nothing is copied between steps). The runner runs the prompt into a buffer of the prompt's length (shared: one
+  masked dummy column), which then becomes the shared segment of the k beams or samples that continue it; their
+  own tokens go to C = max new tokens slots per row;
 - the tokenizer files and `export_config.json` (format version, family, shapes, dtype, lengths, special ids,
   weight-only quantization);
 - `prefix_cache.npy` [layers, 2, P, kv_heads, head_dim] for a P-Tuning v2 prefix (`--prefix_path`): the runner

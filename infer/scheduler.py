@@ -2,12 +2,12 @@
 
 Every request (a `Job`: one prompt, `n` rows for its samples) is prefilled (the prompts taken together packed into
 one pass, each seeing only itself), chooses its first tokens from its prompt's logits, and its rows join the batch
-before the next step; a job whose rows are all finished (or
-that is cancelled: its client went away, its time ran out) leaves before the next step. Tokens are chosen per job
-with `paddle_glm.decoding.decode_step` and a chooser of the job's own (its own seeded generator, drawing one
-number per row of the job at every step, as `decoding.generate` does for that request alone): what a request
-generates does not depend on what else is in the batch. Beam search (`num_beams > 1`) reorders rows and ends
-them by comparing hypotheses; it runs as a batch of its own, through `decoding.generate`, between two steps.
+before the next step; a job whose rows are all finished (or that is cancelled: its client went away, its time ran
+out) leaves before the next step. Tokens are chosen per job with `paddle_glm.decoding.decode_step` and a chooser of
+the job's own (its own seeded generator, drawing one number per row of the job at every step, as
+`decoding.generate` does for that request alone): what a request generates does not depend on what else is in the
+batch. Beam search (`num_beams > 1`) reorders rows and ends them by comparing hypotheses; it runs as a batch of its
+own, through `decoding.generate`, between two steps.
 
 The cache of the batch (`ExportedBatch`) is the exported step graph's two segments (`models.layers.SegmentedCache`)
 used with one shared row per decoding row (k = 1):

@@ -53,6 +53,18 @@ def test_model_logits_match_paddlenlp_sep_mask(twin_models):
     assert np.abs(got - expected).max() <= 1e-5
 
 
+def test_logit_index_projects_only_the_positions_asked_for(twin_models):
+    """`logit_index` (flat over B * S; an exported graph's input) gives the logits of those positions alone: equal to
+    the full logits there (PaddleNLP's model as the reference), in the order asked."""
+    ours, reference = twin_models
+    ids, position_ids, sep = _inputs(2)
+    expected = to_numpy(reference(ids, position_ids, sep_to_dense_mask(sep, S), return_dict=True).logits)
+    index = np.array([2 * S - 1, 3, S * B - 1])
+    got = to_numpy(ours(ids, position_ids, sep, logit_index=paddle.to_tensor(index)).logits)
+    assert got.shape == (3, 1, V)
+    assert np.abs(got[:, 0] - expected.reshape(B * S, V)[index]).max() <= 1e-5
+
+
 def test_sep_mask_expansion_matches_hand_worked_example():
     mask = sep_to_dense_mask(paddle.to_tensor([2]), query_length=4).numpy()[0, 0]
     expected = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype="float32")
