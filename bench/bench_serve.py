@@ -48,8 +48,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--new_tokens", type=int, default=24, help="tokens generated per request")
     parser.add_argument("--backend", choices=("paddle", "onnxruntime"), default="onnxruntime",
                         help="the engine of both servers (onnxruntime batches rows best on CPU: bench_infer.py)")
-    parser.add_argument("--batch_wait_ms", type=float, default=0.0,
-                        help="the continuous-batching server's --batch_wait_ms (default 0, the server's default)")
+    parser.add_argument("--batch_wait_ms", type=float, default=None,
+                        help="the continuous-batching server's --batch_wait_ms (default: the server's default)")
     parser.add_argument("--smoke", action="store_true", help="the tiny model, 1 and 4 clients, 4 tokens: seconds")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -101,7 +101,7 @@ def large_export(root: str, new_tokens: int, backend: str) -> Tuple[str, str]:
 # ---------------------------------------------------------------------------------------------------- the clients
 
 def start_server(export_dir: str, backend: str, max_batch_size: int, log_path: str,
-                 batch_wait_ms: float = 0.0) -> Tuple[subprocess.Popen, str]:
+                 batch_wait_ms: Optional[float] = None) -> Tuple[subprocess.Popen, str]:
     import httpx
 
     with socket.socket() as probe:
@@ -111,8 +111,8 @@ def start_server(export_dir: str, backend: str, max_batch_size: int, log_path: s
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve_generation.py"), "--model_path",
                                 export_dir, "--backend", backend, "--port", str(port), "--max_batch_size",
                                 str(max_batch_size),
-                                "--max_queue", "1024", "--request_timeout", "3600", "--batch_wait_ms",
-                                str(batch_wait_ms)],
+                                "--max_queue", "1024", "--request_timeout", "3600"]
+                               + ([] if batch_wait_ms is None else ["--batch_wait_ms", str(batch_wait_ms)]),
                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -171,8 +171,8 @@ async def run_level(url: str, clients: int, requests: int, new_tokens: int) -> D
 def bench_model(export_dir: str, label: str, args, root: str) -> Dict[Tuple[str, int], Dict[str, float]]:
     levels = [int(c) for c in args.clients.split(",")]
     rows = {}
-    for mode, batch, wait in (("one at a time", 1, 0.0), ("continuous batching", max(levels), args.batch_wait_ms)):
-        shown = mode + (f", --batch_wait_ms {wait:g}" if wait else "")
+    for mode, batch, wait in (("one at a time", 1, None), ("continuous batching", max(levels), args.batch_wait_ms)):
+        shown = mode + (f", --batch_wait_ms {wait:g}" if wait is not None else "")
         process, url = start_server(export_dir, args.backend, batch, os.path.join(root, f"server-{batch}.log"), wait)
         try:
             asyncio.run(run_level(url, 1, 1, args.new_tokens))  # warm-up

@@ -47,6 +47,7 @@ __all__ = ["Job", "Listener", "Scheduler", "ExportedBatch", "QueueFull", "WIDTH_
 logger = logging.getLogger("paddle_glm")
 ANSWER_START_ROOM = 4  # a prompt is at most src_length ids and the tokens that open an answer (GLM's <sop>)
 WIDTH_STEP = 32  # the batch's prompt width Kp is a multiple of this (fewer re-layouts as prompts come and go)
+BURST_WAITS = 10  # an idle batch waits at most this many `batch_wait`s for a burst of requests to end
 
 
 class QueueFull(RuntimeError):
@@ -296,11 +297,11 @@ class Scheduler:
     """Owns `batch` (an `ExportedBatch`) in one thread; `submit` jobs from any thread."""
 
     def __init__(self, batch: ExportedBatch, max_batch_size: int = 16, max_queue: int = 64,
-                 prefill_tokens: int = 512, flush: Callable[[], None] = lambda: None, batch_wait: float = 0.0):
+                 prefill_tokens: int = 512, flush: Callable[[], None] = lambda: None, batch_wait: float = 0.001):
         self.batch, self.max_batch_size, self.max_queue = batch, max_batch_size, max_queue
         self.flush = flush  # called after listeners heard of new tokens or ends: they may hand events on together
         self.prefill_tokens = prefill_tokens  # prompt tokens prefilled between two steps (at least one prompt)
-        self.batch_wait = batch_wait  # seconds a request arriving at an idle batch waits for others to share its pass
+        self.batch_wait = batch_wait  # an idle batch's quiet time before a pass: requests sent together share it
         self.incoming: "queue.Queue[Optional[Job]]" = queue.Queue()
         self.waiting: Optional[Job] = None  # pulled from `incoming` but not yet room for its rows
         self.jobs: List[Job] = []  # in batch row order
@@ -400,10 +401,11 @@ class Scheduler:
     def _take(self, block: bool, budget: int, taken_rows: int) -> Tuple[List[Job], int]:
         """The jobs waiting now (FIFO) whose rows fit beside `taken_rows` and the batch's, and whose prompt tokens
         fit `budget` (at least one job a round: `taken_rows` 0), and the budget left. With `block` (an idle batch)
-        it waits for a first job, then `batch_wait` seconds for others to share its pass. Cancelled jobs end here
+        it waits for a first job, then until none arrived for `batch_wait` seconds (at most BURST_WAITS times as
+        long): requests sent together share one pass, and one alone waits `batch_wait`. Cancelled jobs end here
         and beam jobs run here."""
         group: List[Job] = []
-        until = None  # when a blocking take stops waiting for more jobs
+        first = until = None  # a blocking take's first arrival; when it stops waiting for more
         while self.running:
             rows = taken_rows + sum(j.rows for j in group) + self.running_rows
             if rows >= self.max_batch_size:
@@ -413,8 +415,10 @@ class Scheduler:
             else:
                 wait = until - time.monotonic()
             job = self._next(wait)
-            if until is None and block and job is not None:
-                until = time.monotonic() + self.batch_wait
+            if block and job is not None:
+                now = time.monotonic()
+                first = first or now
+                until = min(now + self.batch_wait, first + BURST_WAITS * self.batch_wait)
             if job is None or job.rows + rows > self.max_batch_size:
                 break
             cost = len(job.example["input_ids"])

@@ -65,11 +65,10 @@ class ServeArguments:
     max_prefill_tokens: int = field(default=512, metadata={"help": "Prompt tokens prefilled between two decode steps "
                                                                    "(at least one prompt): bounds how long running "
                                                                    "requests wait for new ones to join."})
-    batch_wait_ms: float = field(default=0.0, metadata={"help": "Milliseconds a request arriving at an idle server "
-                                                                "waits for others to share its prompt pass (clients "
-                                                                "sending together: one pass for all, each request's "
-                                                                "first token sooner; a lone request's later by as "
-                                                                "much). 0: none."})
+    batch_wait_ms: float = field(default=1.0, metadata={"help": "A request arriving at an idle server waits until "
+                                                                "no other arrived for this long (at most 10 times as "
+                                                                "long), so that requests sent together share one "
+                                                                "prompt pass. 0: none."})
     request_timeout: float = field(default=300.0, metadata={"help": "Seconds a request may take, queue included; "
                                                                     "then 504 (or an error event when streaming)."})
     api_key: Optional[str] = field(default=None, metadata={"help": "Require `Authorization: Bearer KEY` on /v1/."})

@@ -465,8 +465,8 @@ def test_a_prompt_arriving_during_a_prompt_pass_joins_that_round(runner, templat
 
 
 def test_requests_arriving_within_batch_wait_share_one_prompt_pass(runner, template):
-    """With --batch_wait_ms, a request arriving at an idle server waits that long for others: one arriving 0.1 s
-    later is passed with it (one prompt pass for both), and both decode as they do alone."""
+    """With --batch_wait_ms, a request arriving at an idle server waits until none arrived for that long: one
+    arriving 0.1 s later is passed with it (one prompt pass for both), and both decode as they do alone."""
     scheduler = Scheduler(ExportedBatch(runner), max_batch_size=4, batch_wait=0.6)
     config = DecodingConfig(eos_token_id=template.tokenizer_size + 5, pad_token_id=template.pad_id, max_length=4)
     jobs = [Job(template.generation_example(template.prompt_ids(text, ())[0]), config, None) for text in TEXTS[:2]]
