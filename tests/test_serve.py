@@ -465,11 +465,12 @@ def test_a_prompt_arriving_during_a_prompt_pass_joins_that_round(runner, templat
 
 
 def test_requests_arriving_within_batch_wait_share_one_prompt_pass(runner, template):
-    """With --batch_wait_ms, a request arriving at an idle server waits until none arrived for that long: one
-    arriving 0.1 s later is passed with it (one prompt pass for both), and both decode as they do alone."""
-    scheduler = Scheduler(ExportedBatch(runner), max_batch_size=4, batch_wait=0.6)
+    """With --batch_wait_ms, a request arriving at an idle server waits until none arrived for that long: requests
+    arriving 0.3 s apart with a 0.5 s wait are passed together (one prompt pass for the three, though the third
+    came 0.6 s after the first), and each decodes as it does alone."""
+    scheduler = Scheduler(ExportedBatch(runner), max_batch_size=4, batch_wait=0.5)
     config = DecodingConfig(eos_token_id=template.tokenizer_size + 5, pad_token_id=template.pad_id, max_length=4)
-    jobs = [Job(template.generation_example(template.prompt_ids(text, ())[0]), config, None) for text in TEXTS[:2]]
+    jobs = [Job(template.generation_example(template.prompt_ids(text, ())[0]), config, None) for text in TEXTS[:3]]
     passes = []
     prefill = scheduler.batch.prefill
 
@@ -483,11 +484,11 @@ def test_requests_arriving_within_batch_wait_share_one_prompt_pass(runner, templ
         for job in jobs:
             job.listener = Recorder(scheduler)
             scheduler.submit(job)
-            threading.Event().wait(0.1)
+            threading.Event().wait(0.3)
         assert all(job.listener.event.wait(30) and job.listener.error is None for job in jobs)
     finally:
         scheduler.stop()
-    assert passes == [2]
+    assert passes == [3]
     for job in jobs:
         assert job.sequences == runner.generate([job.example], job.config).sequences
 
