@@ -19,6 +19,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import signal
 import sys
 from typing import Callable, Dict, Iterator, List, Optional, TextIO, Tuple
 
@@ -240,6 +241,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     with contextlib.suppress(ImportError):  # line editing and recall at the prompt, where the platform has it
         importlib.import_module("readline")
     decoding = {name: getattr(args, name) for name in DECODING_FLAGS if getattr(args, name) is not None}
+    # Ctrl-C interrupts an answer even when the CLI was started with SIGINT ignored (a background job of a shell
+    # without job control passes that on: `make test` run that way never saw its Ctrl-C).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with served(args) as url:
             client = ChatClient(url, args.api_key, args.model, decoding)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import sys
 
 import pexpect
@@ -14,10 +15,10 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 PROMPT = "User: "
 
 
-def _spawn(*flags: str, timeout: float = 10) -> pexpect.spawn:
+def _spawn(*flags: str, timeout: float = 10, preexec_fn=None) -> pexpect.spawn:
     env = {**os.environ, "TERM": "dumb", "PYTHONPATH": ROOT}  # dumb: no readline escape codes in the output
     child = pexpect.spawn(sys.executable, [os.path.join(ROOT, "chat_generation.py"), *flags], cwd=ROOT, env=env,
-                          encoding="utf-8", timeout=timeout, dimensions=(50, 400))
+                          encoding="utf-8", timeout=timeout, dimensions=(50, 400), preexec_fn=preexec_fn)
     child.logfile_read = io.StringIO()  # the whole transcript
     return child
 
@@ -59,9 +60,15 @@ def test_chat_cli_sends_history_clears_it_and_exits():
         _quit(child)
 
 
+def _ignore_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def test_chat_cli_ctrl_c_interrupts_the_answer_and_the_session_goes_on():
+    """Also when the CLI starts with SIGINT ignored, as a background job of a shell without job control starts it
+    (`make test` launched that way): the CLI takes Ctrl-C back."""
     with StubServer() as stub:
-        child = _spawn("--url", stub.url)
+        child = _spawn("--url", stub.url, preexec_fn=_ignore_ctrl_c)
         child.expect_exact(PROMPT)
         child.sendline("long story please")
         child.expect_exact(LONG_PIECE * 5)  # the answer is streaming
