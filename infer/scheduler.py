@@ -380,8 +380,7 @@ class Scheduler:
         joining: List[Tuple[Job, NewRows, bool]] = []  # (job, its rows, done already)
         budget = self.prefill_tokens
         while self.running:
-            group, budget = self._take(block and not self.jobs and not joining, budget,
-                                       sum(job.rows for job, _, _ in joining))
+            group, budget = self._take(block and not joining, budget, sum(job.rows for job, _, _ in joining))
             if not group:
                 break
             try:
